@@ -86,6 +86,8 @@ class Eval(Section):
     workers: int = Field(2, ge=1, description="processes generating in parallel (one torch thread each)")
     n_per_split_curve: int | None = Field(None, ge=1, description="problems per split of the evaluations at "
                                           "25/50/75% of the budget (None: n_per_split)")
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation backend of evaluations and offline "
+                                           "sampling (rollouts, teacher samples); vllm: GPU extra")
     curve: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], description="budget fractions "
                                "evaluated during training (their cost is recorded, not charged)")
 
@@ -113,6 +115,9 @@ class MethodAxes(Section):
                                                   "full-vocab divergence / more SFT (the control)")
     beta: float = Field(1.0, ge=0, le=1, description="full-kl: TRL's generalized JSD beta (1 = reverse KL)")
     clip_eps: float | None = Field(None, gt=0, description="PPO-clip epsilon of the IS ratio (None: no clip)")
+    ratio: Literal["current", "sampler"] = Field("current", description="IS ratio pS_theta / q: q = the current "
+                                                 "model (ratio 1, as the papers) or the sampler (offline: pi_sft; "
+                                                 "with clip_eps, a trust region against drift from the rollouts)")
 
 
 class Train(Section):
@@ -128,11 +133,14 @@ class Train(Section):
     rollout_prompts: int = Field(2048, ge=1, description="offline: prompts pi_sft answers (x K rollouts)")
     max_passes: float = Field(2.0, gt=0, description="offline: stop after this many passes over the "
                               "rollouts (a probe that reused rollouts ~12 times memorised them)")
+    sft_prompts: int = Field(4000, ge=1, description="sft-continue: fresh prompts teacher A answers (its "
+                             "SFT then cycles through them until the budget is spent)")
     max_steps: int | None = Field(None, ge=1, description="optimizer-step cap (tests, benchmarks)")
     max_grad_norm: float = Field(1.0, gt=0)
     logits: Literal["auto", "dense", "chunked"] = Field("auto", description="dense logits (CPU) or TRL's "
                                                         "chunked kernels (never materialize (B,T,V); auto: on GPU)")
     gradient_checkpointing: bool = Field(False, description="GPU only; on CPU it is slower (trl.md)")
+    vllm: bool = Field(False, description="online methods generate with vLLM (colocated; GPU extra)")
     logging_steps: int = Field(10, ge=1)
 
 

@@ -47,6 +47,9 @@ class Method:
     def needs_reference(self, ax: MethodAxes) -> bool:
         return ax.reward == "exopd" and ax.lam != 1
 
+    def needs_sampler_logps(self, ax: MethodAxes) -> bool:
+        return ax.ratio == "sampler" and ax.rollouts == "offline"
+
     # --- hooks ------------------------------------------------------------------------------------
 
     def advantage(self, s, ax: MethodAxes) -> torch.Tensor:
@@ -96,6 +99,9 @@ def check(method: Method, ax: MethodAxes) -> None:
     if ax.rollouts == "offline" and method.needs_teacher_distribution(ax):
         raise UserError(f"{ax.name}: baseline=vopd needs the teacher's full distribution, but offline rollouts "
                         f"store only sampled-token log-probs; use method.rollouts=online")
+    if ax.ratio == "sampler" and ax.rollouts == "online":
+        raise UserError(f"{ax.name}: online, the sampler is the current model (the ratio is 1); "
+                        f"method.ratio=sampler is for offline rollouts")
     if ax.loss == "full-kl" and (ax.tokens != "all" or ax.rollouts != "online"):
         raise UserError(f"{ax.name}: loss=full-kl is TRL's own loss (online, all tokens); "
                         f"set method.tokens=all and method.rollouts=online")

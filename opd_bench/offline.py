@@ -4,6 +4,7 @@ method that reads it:
   rollouts        pi_sft samples K completions per prompt (what Lightning OPD trains on)
   teacher-logps   a teacher scores those tokens once: only the sampled token's log-prob is stored
   ref-logps       the same for ExOPD's reference model, when an offline method needs it
+  sampler-logps   the same for pi_sft itself (the IS ratio's denominator with method.ratio=sampler)
   teacher-samples teacher A answers fresh prompts (the sft-continue control's extra SFT data)
 
 Data are `datasets` Arrow folders (`data/`); each stage's manifest names the models, the tokenizer
@@ -70,7 +71,8 @@ def _sample_stage(cfg: RunConfig, name: str, model: str | Path, tokenizer_path: 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         params = SamplingParams(n=n, temperature=temperature, max_new_tokens=t.max_new_tokens, seed=cfg.seed)
         samples = generate(model, [p for _, p in prompts], params, batch_size=cfg.eval.batch_size,
-                           workers=cfg.eval.workers, threads=cfg.threads, desc=f"{name}: sampling")
+                           workers=cfg.eval.workers, threads=cfg.threads, desc=f"{name}: sampling",
+                           backend=cfg.eval.backend)
         rows = [(pid, text, i, c) for (pid, text), cs in zip(prompts, samples) for i, c in enumerate(cs)]
         Dataset.from_dict({
             "problem_id": [r[0] for r in rows], "prompt": [r[1] for r in rows], "sample": [r[2] for r in rows],
@@ -180,13 +182,15 @@ def check_tokenizers(tokenizer, student: str | Path, models: tuple = (), rollout
                         f"delete that stage folder or fix world.hf.tokenizer")
 
 
-def load_offline(rollouts: Path, teacher_logps: Path, ref_logps: Path | None = None):
-    """The training dataset: prompt ids, completion ids, teacher (and reference) log-probs, checksums verified."""
+def load_offline(rollouts: Path, teacher_logps: Path, ref_logps: Path | None = None,
+                 sampler_logps: Path | None = None):
+    """The training dataset: prompt ids, completion ids, teacher (reference, sampler) log-probs, checksums verified."""
     data = load_samples(rollouts).select_columns(["problem_id", "prompt_ids", "completion_ids"])
     info = read_manifest(rollouts)["info"]
     if data_checksum(Path(rollouts) / "data") != info["checksum"]:
         raise UserError(f"{rollouts} changed since it was built (checksum mismatch); delete the folder to rebuild it")
-    for column, folder in (("teacher_logps", teacher_logps), ("ref_logps", ref_logps)):
+    for column, folder in (("teacher_logps", teacher_logps), ("ref_logps", ref_logps),
+                           ("sampler_logps", sampler_logps)):
         if folder is None:
             continue
         scored = read_manifest(folder)["info"]

@@ -73,7 +73,7 @@ def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: 
     for name in cfg.eval.tasks:
         card = TASKS.get(name)
         m = evaluate(model_dir, card, out_dir / f"{card.name}-v{card.version}", n_per_split=n_per_split,
-                     batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed)
+                     batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed, backend=cfg.eval.backend)
         cost.generate(n_params, m["generated_tokens"])
         results[card.tag] = m
     return results
@@ -157,14 +157,18 @@ def _opd_trainer(cfg, method, ax, world: WorldModels, tokenizer, teacher: str, c
         offline.check_tokenizers(tokenizer, world.student, (teacher,), rollouts)
         scored, cost = offline.build_logps(cfg, rollouts, teacher, "teacher-logps")
         _charge(ledger, cost, charged)
-        ref_scored = None
+        ref_scored = sampler_scored = None
         if method.needs_reference(ax):
             ref_scored, cost = offline.build_logps(cfg, rollouts, reference, "ref-logps")
             _charge(ledger, cost, charged)
-        dataset = offline.load_offline(rollouts, scored, ref_scored)
+        if method.needs_sampler_logps(ax):
+            sampler_scored, cost = offline.build_logps(cfg, rollouts, world.student, "sampler-logps")
+            _charge(ledger, cost, charged)
+        dataset = offline.load_offline(rollouts, scored, ref_scored, sampler_scored)
         teacher_model, n_rows = None, len(dataset)
     else:
-        offline.check_tokenizers(tokenizer, world.student, (teacher,))
+        refs = (reference,) if method.needs_reference(ax) and ax.reference != "pi_sft" else ()
+        offline.check_tokenizers(tokenizer, world.student, (teacher, *refs))
         prompts = training_prompts(cfg, cfg.train.prompts, "opd")
         dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for _, p in prompts]})
         teacher_model = load_model(teacher, cfg)
@@ -184,7 +188,7 @@ def _sft_trainer(cfg, world: WorldModels, tokenizer, teacher: str, charged, ledg
     from opd_bench.sft import tokenize_pairs
 
     t = cfg.train
-    prompts = training_prompts(cfg, t.rollout_prompts * t.rollouts_per_prompt, "sft-continue")
+    prompts = training_prompts(cfg, t.sft_prompts, "sft-continue")
     folder, cost = offline.build_teacher_samples(cfg, teacher, world.tokenizer, prompts)
     _charge(ledger, cost, charged)
     data = offline.load_samples(folder)
@@ -193,7 +197,7 @@ def _sft_trainer(cfg, world: WorldModels, tokenizer, teacher: str, charged, ledg
     args = SFTConfig(
         output_dir=str(work), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
         learning_rate=t.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=t.max_grad_norm,
-        max_steps=t.max_steps or max(1, int(t.max_passes * len(data) / t.batch_size)),
+        max_steps=t.max_steps or 10**9,  # the budget stops it (SFT on teacher samples does not memorise them)
         max_length=4 * t.max_new_tokens + 512, use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False,
         save_strategy="no", report_to=[], logging_steps=t.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", disable_tqdm=True)

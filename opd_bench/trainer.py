@@ -290,7 +290,7 @@ class OPDTrainer(DistillationTrainer):
                  "completion_ids": padded("completion_ids", "right", pad_id),
                  "completion_mask": ones("completion_ids", "right")}
         dtype = self.model.dtype if self.model.dtype == torch.float64 else torch.float32
-        for key in ("teacher_logps", "ref_logps"):
+        for key in ("teacher_logps", "ref_logps", "sampler_logps"):
             if key in rows[0]:
                 batch[key] = padded(key, "right", 0.0, dtype)
         batch["num_items_in_batch"] = self.accelerator.gather(batch["completion_mask"].sum()).sum()
@@ -317,7 +317,8 @@ class OPDTrainer(DistillationTrainer):
         keep = self.method.token_mask(s, self.axes) & s.mask
         if self.axes.tokens != "all":  # trained tokens = the selected ones; the local selection rate scales
             count = count * keep.sum() / s.mask.sum().clamp(min=1)  # the global count (exact when GA = 1)
-        loss = S.policy_gradient_loss(s.student_logp, adv, keep, count, clip_eps=self.axes.clip_eps)
+        old = inputs.get("sampler_logps") if self.axes.ratio == "sampler" else None  # None: ratio 1
+        loss = S.policy_gradient_loss(s.student_logp, adv, keep, count, old_logp=old, clip_eps=self.axes.clip_eps)
         self._log_signals(s, adv, keep)
         return loss
 
@@ -354,4 +355,5 @@ def opd_args(cfg: RunConfig, ax: MethodAxes, out_dir: Path, n_rows: int | None =
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu and t.gradient_checkpointing,  # see trl.md
         logging_steps=t.logging_steps, save_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, shuffle_dataset=True,
+        use_vllm=t.vllm and ax.rollouts == "online", vllm_mode="colocate",
     )

@@ -49,6 +49,7 @@ def test_any_axis_is_overridden_from_the_command_line():
     (["method.tokens=q3"], "full-kl", "full-kl"),
     (["method.tokens=top"], "tip", "tokens"),
     (["method.tokenz=q3"], "tip", "did you mean"),
+    (["method.ratio=sampler"], "standard-opd", "offline rollouts"),
 ])
 def test_impossible_or_misspelled_axes_are_user_errors(overrides, method, message):
     with pytest.raises(UserError, match=message):

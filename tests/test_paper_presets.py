@@ -26,7 +26,7 @@ def test_paper_presets_validate_with_the_papers_hyperparameters(preset, student,
     t = cfg.train
     assert (t.lr, t.batch_size, t.rollouts_per_prompt, t.max_new_tokens, t.temperature) == (2e-6, 256, 1, 4096, 1.0)
     assert round(t.max_passes * t.rollout_prompts / t.batch_size) in range(140, 160)  # ~150 steps
-    assert cfg.eval.tasks == PAPER_TASKS
+    assert cfg.eval.tasks == PAPER_TASKS and cfg.eval.backend == "vllm" and t.vllm
     from opd_bench.method import resolve
 
     assert resolve(cfg, "lightning-opd")[1].clip_eps == 0.2
@@ -62,7 +62,8 @@ def stand_ins(tmp_path_factory):
 def _overrides(root: Path, tmp: Path) -> list[str]:
     return [f"world.hf.sft_student={root}/student", f"world.hf.teacher={root}/teacher",
             f"world.hf.teacher_b={root}/teacher", f"world.hf.prompts={root}/dapo.jsonl",
-            f"artifacts_dir={tmp}/artifacts", f"runs_dir={tmp}/runs", f"leaderboard={tmp}/lb.csv"]
+            f"artifacts_dir={tmp}/artifacts", f"runs_dir={tmp}/runs", f"leaderboard={tmp}/lb.csv",
+            "eval.backend=hf", "train.vllm=false"]  # CPU stand-ins: no vLLM
 
 
 def test_hf_loaders_work_on_local_stand_ins(stand_ins, tmp_path):

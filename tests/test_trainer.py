@@ -138,3 +138,27 @@ def test_empty_completions_give_zero_loss_not_nan(smoke):
     batch["num_items_in_batch"] = batch["completion_mask"].sum()
     loss, grad = _loss_and_grad(online, batch)
     assert loss.item() == 0.0 and torch.isfinite(grad).all()
+
+
+def test_sampler_ratio_with_clip_is_a_trust_region_around_the_rollouts(smoke):
+    """method.ratio=sampler: rho = pS_theta / pi_sft; with PPO-clip, tokens already pushed past 1 + eps in the
+    advantage's direction get no gradient (Lightning's own ratio is 1, so it has no such brake)."""
+    from datasets import Dataset
+
+    rows = []
+    for i in range(4):
+        rows.append({"prompt_ids": [2, 10 + i, 3], "completion_ids": [20 + i, 21, 1],
+                     "teacher_logps": [0.0, 0.0, 0.0], "sampler_logps": [0.0, 0.0, 0.0]})
+    data = Dataset.from_list(rows)
+    trainer, _ = _trainer(smoke, "lightning-opd", ["method.ratio=sampler"], dataset=data)
+    batch = trainer._offline_batch(rows)
+    from opd_bench.trainer import Signals
+
+    current = Signals(trainer, trainer.model, batch).student_logp.detach()
+    # teacher log-prob 0 > log pS: A > 0 everywhere. Sampler 1 nat below the current model: rho = e > 1.2.
+    batch["sampler_logps"] = (current - 1.0).masked_fill(~batch["completion_mask"].bool(), 0)
+    loss, grad = _loss_and_grad(trainer, batch)
+    assert grad.abs().max() == 0 and loss < 0
+    batch["sampler_logps"] = current.masked_fill(~batch["completion_mask"].bool(), 0)  # rho = 1: inside the clip
+    _, grad = _loss_and_grad(trainer, batch)
+    assert grad.abs().max() > 0
