@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,7 +56,8 @@ class BudgetCallback(TrainerCallback):
     than one step), and calls `on_mark(fraction)` when the spend crosses each fraction in `marks`
     (evaluations for accuracy-vs-cost curves; the clock is paused while it runs, so they are not charged).
 
-    `meter()` returns the FLOPs spent in training so far; device time is measured here.
+    `meter()` returns the FLOPs spent in training so far; device time is measured here. A resumed run passes
+    what it spent before (precompute and earlier attempts) as `charged_*`, so a crash never refills the budget.
     """
 
     def __init__(self, budget: Budget, *, devices: int = 1, charged_seconds: float = 0.0, charged_flops: float = 0.0,
@@ -71,6 +73,15 @@ class BudgetCallback(TrainerCallback):
     def train_seconds(self) -> float:
         return 0.0 if self.start is None else time.perf_counter() - self.start - self.paused
 
+    @contextmanager
+    def pause(self):
+        """Stop the clock for work that is not the method's (curve evaluations, checkpoints): not charged."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
     def spend(self) -> dict:
         seconds = self.charged_seconds + self.train_seconds() * self.devices
         flops = self.charged_flops + self.meter()
@@ -85,9 +96,8 @@ class BudgetCallback(TrainerCallback):
         while self.marks and spend["fraction"] >= self.marks[0]:
             mark = self.marks.pop(0)
             if self.on_mark is not None and spend["fraction"] < 1.0:
-                paused = time.perf_counter()
-                self.on_mark(mark, spend)
-                self.paused += time.perf_counter() - paused
+                with self.pause():
+                    self.on_mark(mark, spend)
         if spend["fraction"] >= 1.0:
             control.should_training_stop = True
         return control

@@ -136,6 +136,9 @@ class Train(Section):
     sft_prompts: int = Field(4000, ge=1, description="sft-continue: fresh prompts teacher A answers (its "
                              "SFT then cycles through them until the budget is spent)")
     max_steps: int | None = Field(None, ge=1, description="optimizer-step cap (tests, benchmarks)")
+    checkpoint_seconds: float = Field(600.0, ge=0, description="save a resumable checkpoint (weights, optimizer, "
+                                      "RNG; only the newest is kept) every this many seconds of training; 0: "
+                                      "every step. Saving pauses the budget clock")
     max_grad_norm: float = Field(1.0, gt=0)
     logits: Literal["auto", "dense", "chunked"] = Field("auto", description="dense logits (CPU) or TRL's "
                                                         "chunked kernels (never materialize (B,T,V); auto: on GPU)")

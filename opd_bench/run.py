@@ -8,7 +8,10 @@
   eval@25/50/75%   on eval.n_per_split_curve problems per split                     recorded, not charged
   eval             the final model on the preset's tasks                            recorded, not charged
 Run folder: config.json (resolved), ledger.json, metrics.json (before/after/curve/spend), train_log.jsonl,
-budget_steps.json, eval/<task>/samples.jsonl, model/.
+budget_steps.json, eval/<task>/samples.jsonl, model/, row.json (the leaderboard row).
+Bad input fails before any work (preflight.py). A run killed at any point continues with the same run id or
+`--resume` (resume.py): finished phases are reused, training restarts from its last checkpoint, the device
+time spent before the crash stays charged, and the leaderboard gets one row.
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ import os
 import shutil
 import subprocess
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from opd_bench import offline
+from opd_bench import offline, preflight
 from opd_bench.budget import Budget, BudgetCallback, parse_budget
 from opd_bench.cache import build_stage
 from opd_bench.config import RunConfig
 from opd_bench.errors import UserError
-from opd_bench.hf_world import WorldModels, load_model, load_tokenizer
+from opd_bench.hf_world import WorldModels, load_model
 from opd_bench.ledger import Ledger, StageCost
 from opd_bench.method import resolve
+from opd_bench.resume import (Interrupted, TrainingProgress, checkpoint_state, choose_run, crash_point, finished_ids,
+                              load_checkpoint_weights, locked, note, prune_checkpoints, read_json, record_once,
+                              stop_on_ctrl_c, weights_finite, write_json)
 
 # ----------------------------------------------------------------------------- world and prompts
 
@@ -76,6 +81,7 @@ def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: 
                      batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed, backend=cfg.eval.backend)
         cost.generate(n_params, m["generated_tokens"])
         results[card.tag] = m
+        crash_point(f"{cost.stage}:{card.name}")
     return results
 
 
@@ -84,6 +90,7 @@ def _timed_eval(cfg, model_dir, out_dir, n_per_split, stage: str, ledger: Ledger
     start = time.perf_counter()
     results = evaluate_tasks(cfg, model_dir, out_dir, n_per_split, cost)
     cost.wall_seconds = time.perf_counter() - start
+    ledger.stages = [s for s in ledger.stages if s.stage != stage]  # re-run after a crash: the last one counts
     ledger.add(cost)
     return results
 
@@ -100,7 +107,7 @@ def base_eval(cfg: RunConfig, world: WorldModels, ledger: Ledger) -> tuple[dict,
 
     folder, cost = build_stage(cfg.artifacts_dir, "eval-base", inputs, build)
     cost.stage, cost.extra = "eval-base", {"charged": False}
-    ledger.add(cost)
+    record_once(ledger, cost)
     return json.loads((folder / "stage.json").read_text())["info"]["metrics"], folder
 
 
@@ -126,19 +133,33 @@ def subset_scores(eval_dir: Path, n_per_split: int | None) -> dict:
 
 
 def _charge(ledger: Ledger, cost: StageCost, charged: list[StageCost]) -> None:
+    """Charge a precompute stage to the method, once per run (a resumed run finds its record in the ledger)."""
     cost.extra = {**cost.extra, "charged": True}
-    ledger.add(cost)
-    charged.append(cost)
+    charged.append(record_once(ledger, cost))
 
 
-def _train(trainer, budget: Budget, charged: list[StageCost], meter, on_mark, marks, ledger: Ledger,
-           devices: int) -> tuple[BudgetCallback, StageCost]:
-    """Train until the budget (or the trainer's own step limit) is spent; the stage is charged."""
+def _train(trainer, budget: Budget, charged: list[StageCost], meter, on_mark, marks, ledger: Ledger | None,
+           devices: int, progress: TrainingProgress | None = None,
+           checkpoint: Path | None = None) -> tuple[BudgetCallback, StageCost]:
+    """Train until the budget (or the trainer's own step limit) is spent; the stage is charged. With `progress`
+    (as run() does), the spend is recorded at every step, checkpoints are saved, Ctrl-C stops cleanly, and
+    training continues from `checkpoint` (an interrupted attempt's)."""
     callback = BudgetCallback(budget, devices=devices, charged_seconds=sum(c.device_seconds for c in charged),
                               charged_flops=sum(c.flops for c in charged), meter=meter, marks=marks, on_mark=on_mark)
+    cost = progress.cost if progress else StageCost(stage="train", devices=devices, extra={"charged": True})
+    if progress is not None:
+        progress.budget = callback
+        trainer.add_callback(progress)  # before the budget callback: a diverged step gets no curve evaluation
     trainer.add_callback(callback)
-    cost = StageCost(stage="train", devices=devices, extra={"charged": True})
-    trainer.train()
+    with stop_on_ctrl_c(progress):
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except RuntimeError:
+            # Online sampling from weights that just blew up fails inside generate(), before any step end
+            # could see them: that is divergence too, not a crash.
+            if progress is None or weights_finite(trainer.model):
+                raise
+            progress.diverged_at = trainer.state.global_step
     cost.wall_seconds = callback.train_seconds()
     return callback, cost
 
@@ -167,8 +188,6 @@ def _opd_trainer(cfg, method, ax, world: WorldModels, tokenizer, teacher: str, c
         dataset = offline.load_offline(rollouts, scored, ref_scored, sampler_scored)
         teacher_model, n_rows = None, len(dataset)
     else:
-        refs = (reference,) if method.needs_reference(ax) and ax.reference != "pi_sft" else ()
-        offline.check_tokenizers(tokenizer, world.student, (teacher, *refs))
         prompts = training_prompts(cfg, cfg.train.prompts, "opd")
         dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for _, p in prompts]})
         teacher_model = load_model(teacher, cfg)
@@ -221,91 +240,183 @@ def git_commit() -> str:
 
 
 def run(cfg: RunConfig, method_name: str | None = None, budget_spec: str | None = None,
-        command: str | None = None) -> dict:
-    from opd_bench.generation import count_params
-    from opd_bench.leaderboard import append_row
-
+        command: str | None = None, run_id: str | None = None, resume: bool = False) -> dict:
+    """One run, from checks to the leaderboard row. A run with this `run_id` that was cut short (SIGKILL, Ctrl-C)
+    continues where it stopped; `resume` picks the newest unfinished run of this configuration (resume.py)."""
     method, ax = resolve(cfg, method_name)
     budget = parse_budget(budget_spec or cfg.budget)
     cfg = cfg.model_copy(update={"method": ax, "budget": budget.spec})
+    preflight.check_outputs(cfg)
+    preflight.check_tasks(cfg)
+    preflight.check_model_paths(cfg, ax)
     world = load_world(cfg)
     teacher = world.teacher_a if ax.teacher == "consistent" else world.teacher_b
     if not teacher:
         raise UserError("method.teacher=inconsistent needs a second teacher: set world.hf.teacher_b")
+    tokenizer = preflight.load_checked_tokenizer(world.tokenizer)
+    reference = (ax.reference,) if method.needs_reference(ax) and ax.reference != "pi_sft" else ()
+    preflight.check_vocabularies(tokenizer, world.student, (teacher, *reference))
 
-    run_id = f"{datetime.now():%Y%m%d-%H%M%S}-{ax.name}-s{cfg.seed}-{uuid.uuid4().hex[:4]}"
-    run_dir = Path(cfg.runs_dir) / run_id
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-    ledger = Ledger(run_dir / "ledger.json")
+    run_dir = choose_run(cfg, ax, run_id, resume)
+    with locked(run_dir):
+        try:
+            return _run_in(run_dir, cfg, method, ax, budget, world, tokenizer, teacher, command)
+        except KeyboardInterrupt:
+            raise Interrupted(run_dir.name) from None
+
+
+def _run_in(run_dir: Path, cfg, method, ax, budget: Budget, world: WorldModels, tokenizer, teacher: str,
+            command: str | None) -> dict:
+    """The phases; each one a resumed run finds finished (model/, row.json) is skipped."""
+    from opd_bench.leaderboard import extra_fields, log_means
+
+    if (run_dir / "row.json").exists():  # evaluated before: at most the leaderboard row is missing
+        return _publish(cfg, run_dir)
+    if (run_dir / "config.json").exists():
+        note(f"resuming run {run_dir.name}")
+    else:
+        write_json(run_dir / "config.json", json.loads(cfg.model_dump_json()))
+    ledger = Ledger(run_dir / "ledger.json")  # a resumed run keeps what it recorded (and spent) before
     for cost in world.costs:  # the shared world: recorded, never charged (SFT is excluded, as in the papers)
-        ledger.add(StageCost(**{**cost.__dict__, "extra": {**cost.extra, "charged": False}}))
+        record_once(ledger, StageCost(**{**cost.__dict__, "extra": {**cost.extra, "charged": False}}))
     before, base_dir = base_eval(cfg, world, ledger)
 
-    tokenizer = load_tokenizer(world.tokenizer)
+    trained = read_json(run_dir / "train.json") if (run_dir / "model").is_dir() else None
+    if trained is None:
+        trained = _train_phase(cfg, method, ax, budget, world, tokenizer, teacher, ledger, run_dir, base_dir)
+    after = {}
+    if trained["status"] != "diverged":  # NaN weights have nothing to evaluate (sampling from them fails)
+        after = _timed_eval(cfg, run_dir / "model", run_dir / "eval", cfg.eval.n_per_split, "eval", ledger)
+    charged = [s for s in ledger.stages if s.extra.get("charged")]  # precompute + every training attempt
+    spent = {"device_seconds": sum(c.device_seconds for c in charged), "flops": sum(c.flops for c in charged)}
+    spent["fraction"] = budget.spent(spent["device_seconds"], spent["flops"]) / budget.amount
+    curve = read_json(run_dir / "curve.json", [])
+    if after:
+        curve.append({"mark": 1.0, **spent, "step": trained["steps"],
+                      "avg@k": subset_scores(run_dir / "eval", cfg.eval.n_per_split_curve or cfg.eval.n_per_split)})
+
+    metrics = {"run_id": run_dir.name, "method": ax.name, "axes": ax.model_dump(), "budget": budget.__dict__,
+               "status": trained["status"], "spent": spent, "steps": trained["steps"],
+               "stopped_by": trained["stopped_by"], "attempts": sum(s.stage == "train" for s in ledger.stages),
+               "before": before, "after": after, "curve": curve,
+               "ledger": {"all": ledger.total(), "charged": spent},  # all: computed by this run
+               "train": log_means(_read_jsonl(run_dir / "train_log.jsonl"))}  # means of the logged diagnostics
+    write_json(run_dir / "metrics.json", metrics)
+    row = leaderboard_row(cfg, run_dir.name, ax, budget, ledger, spent, before, after, metrics)
+    row["command"] = command or row["command"]
+    row.update({k: v for k, v in extra_fields(cfg, method, ax, budget, ledger, metrics, world).items() if k not in row})
+    write_json(run_dir / "row.json", row)
+    crash_point("row")
+    return _publish(cfg, run_dir)
+
+
+def _publish(cfg, run_dir: Path) -> dict:
+    """Append the run's row unless the leaderboard has it already (a crash right after appending must not
+    add a second). Checked outside the leaderboard's lock on purpose: only the process holding this run's
+    folder lock ever writes this run id."""
+    from opd_bench.leaderboard import append_row
+
+    row = read_json(run_dir / "row.json")
+    if row["run_id"] not in finished_ids(cfg.leaderboard):
+        append_row(cfg.leaderboard, row)
+    crash_point("leaderboard")
+    return read_json(run_dir / "metrics.json")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a last line cut short by a crash is skipped."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def _train_phase(cfg, method, ax, budget: Budget, world: WorldModels, tokenizer, teacher: str, ledger: Ledger,
+                 run_dir: Path, base_dir: Path) -> dict:
+    """Train (from the newest checkpoint of an interrupted attempt, if any), then save what later phases need
+    and the model, atomically: `model/` exists only once training is over. Returns {steps, stopped_by, status}."""
+    from opd_bench.generation import count_params
+
     charged: list[StageCost] = []
     work = run_dir / "trainer"
     if ax.loss == "sft":
         trainer = _sft_trainer(cfg, world, tokenizer, teacher, charged, ledger, work)
-        n_student = count_params(world.student)
-        meter = lambda: 6.0 * n_student * trainer.state.num_input_tokens_seen  # noqa: E731
     else:
         trainer = _opd_trainer(cfg, method, ax, world, tokenizer, teacher, charged, ledger, work)
-        meter = lambda: trainer.cost.flops  # noqa: E731
+    previous = [s for s in ledger.stages if s.stage == "train"]  # attempts cut short: spent, so charged
+    charged += previous
+    checkpoint = prune_checkpoints(work) if work.is_dir() else None
+    start = checkpoint_state(checkpoint)
+    n_student, tokens_before = count_params(world.student), int(start.get("num_input_tokens_seen", 0))
 
-    curve = [{"mark": 0.0, "device_seconds": 0.0, "flops": 0.0, "step": 0,
-              "avg@k": subset_scores(base_dir, cfg.eval.n_per_split_curve or cfg.eval.n_per_split)}]
+    def usage() -> dict:
+        """This attempt's tokens and FLOPs so far (the trainer state of a resumed SFT counts earlier tokens)."""
+        if ax.loss == "sft":
+            tokens = int(trainer.state.num_input_tokens_seen) - tokens_before
+            return {"tokens_trained": tokens, "flops": 6.0 * n_student * tokens}
+        return {k: getattr(trainer.cost, k) for k in ("tokens_trained", "tokens_generated", "tokens_scored", "flops")}
+
+    attempt = len(previous) + 1
+    cost = StageCost(stage="train", devices=trainer.accelerator.num_processes,
+                     extra={"charged": True, "attempt": attempt, "resumed_from_step": start.get("global_step", 0)})
+    ledger.add(cost)
+    progress = TrainingProgress(ledger, cost, usage, every=cfg.train.checkpoint_seconds,
+                                steps_file=run_dir / "budget_steps.jsonl", attempt=attempt)
+    n_curve = cfg.eval.n_per_split_curve or cfg.eval.n_per_split
+    curve = read_json(run_dir / "curve.json") or [{"mark": 0.0, "device_seconds": 0.0, "flops": 0.0, "step": 0,
+                                                    "avg@k": subset_scores(base_dir, n_curve)}]
+    write_json(run_dir / "curve.json", curve)
 
     def on_mark(mark: float, spend: dict) -> None:
+        if progress.diverged_at is not None:
+            return
         folder = run_dir / f"curve-{round(100 * mark)}"
         trainer.save_model(str(folder / "model"))
         tokenizer.save_pretrained(str(folder / "model"))
-        _timed_eval(cfg, folder / "model", folder, cfg.eval.n_per_split_curve or cfg.eval.n_per_split,
-                    f"eval@{round(100 * mark)}%", ledger)
+        _timed_eval(cfg, folder / "model", folder, n_curve, f"eval@{round(100 * mark)}%", ledger)
         shutil.rmtree(folder / "model")  # the scores stay; the weights are re-creatable, not needed
-        curve.append({"mark": mark, **spend, "step": trainer.state.global_step,
-                      "avg@k": subset_scores(folder, cfg.eval.n_per_split_curve or cfg.eval.n_per_split)})
+        curve.append({"mark": mark, **spend, "step": trainer.state.global_step, "avg@k": subset_scores(folder, n_curve)})
+        write_json(run_dir / "curve.json", curve)
 
     precharged = budget.spent(sum(c.device_seconds for c in charged), sum(c.flops for c in charged))
-    devices = trainer.accelerator.num_processes
-    if precharged >= budget.amount:  # the precompute alone spent the budget: pi_sft is the result
-        callback, train_cost, stopped = None, StageCost(stage="train", extra={"charged": True}), "budget (precompute)"
+    if precharged >= budget.amount:  # the precompute (or the attempts before a crash) spent the budget
+        if checkpoint is not None:
+            load_checkpoint_weights(trainer, checkpoint)
+        stopped = "budget" if previous else "budget (precompute)"  # without training, pi_sft is the result
     else:
-        callback, train_cost = _train(trainer, budget, charged, meter, on_mark, tuple(cfg.eval.curve), ledger,
-                                      devices)
+        marks = tuple(m for m in cfg.eval.curve if m > curve[-1]["mark"])  # a resumed run keeps its earlier points
+        callback, _ = _train(trainer, budget, charged, lambda: usage()["flops"], on_mark, marks, ledger, cost.devices,
+                             progress=progress, checkpoint=checkpoint)
         stopped = "budget" if callback.steps and callback.steps[-1]["fraction"] >= 1 else "step limit"
-    if ax.loss == "sft":
-        train_cost.train(count_params(world.student), int(trainer.state.num_input_tokens_seen))
-    else:
-        for key in ("tokens_trained", "tokens_generated", "tokens_scored", "flops"):
-            setattr(train_cost, key, getattr(trainer.cost, key))
-    train_cost.extra.update(steps=trainer.state.global_step, stopped_by=stopped)
-    ledger.add(train_cost)
-    charged.append(train_cost)
+    status = "ok"
+    if progress.diverged_at is not None:
+        stopped, status = f"diverged at step {progress.diverged_at} (non-finite weights)", "diverged"
+    for key, value in usage().items():
+        setattr(cost, key, value)
+    cost.extra.update(steps=trainer.state.global_step, stopped_by=stopped)
+    ledger.save()
+    info = {"steps": trainer.state.global_step, "stopped_by": stopped, "status": status}
+    _save_training(trainer, tokenizer, run_dir, work, info)
+    return info
 
-    model_dir = run_dir / "model"
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    shutil.rmtree(work, ignore_errors=True)
-    after = _timed_eval(cfg, model_dir, run_dir / "eval", cfg.eval.n_per_split, "eval", ledger)
-    spent = {"device_seconds": sum(c.device_seconds for c in charged), "flops": sum(c.flops for c in charged)}
-    spent["fraction"] = budget.spent(spent["device_seconds"], spent["flops"]) / budget.amount
-    curve.append({"mark": 1.0, **spent, "step": trainer.state.global_step,
-                  "avg@k": subset_scores(run_dir / "eval", cfg.eval.n_per_split_curve or cfg.eval.n_per_split)})
 
-    metrics = {"run_id": run_id, "method": ax.name, "axes": ax.model_dump(), "budget": budget.__dict__,
-               "spent": spent, "steps": trainer.state.global_step, "stopped_by": stopped,
-               "before": before, "after": after, "curve": curve,
-               "ledger": {"all": ledger.total(), "charged": spent}}  # all: computed by this run
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+def _save_training(trainer, tokenizer, run_dir: Path, work: Path, info: dict) -> None:
+    steps_file = run_dir / "budget_steps.jsonl"
+    write_json(run_dir / "budget_steps.json", _read_jsonl(steps_file))  # every attempt's steps
     with (run_dir / "train_log.jsonl").open("w") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
-    (run_dir / "budget_steps.json").write_text(json.dumps(callback.steps if callback else [], indent=1))
-    row = leaderboard_row(cfg, run_id, ax, budget, ledger, spent, before, after, metrics)
-    row["command"] = command or row["command"]
-    append_row(cfg.leaderboard, row)
-    return metrics
+    write_json(run_dir / "train.json", info)
+    tmp = run_dir / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, run_dir / "model")  # the phase marker: training is over once model/ exists
+    shutil.rmtree(work, ignore_errors=True)
+    steps_file.unlink(missing_ok=True)
 
 
 def leaderboard_row(cfg, run_id, ax, budget, ledger, spent, before, after, metrics) -> dict:
@@ -315,6 +426,8 @@ def leaderboard_row(cfg, run_id, ax, budget, ledger, spent, before, after, metri
     row.update({f"axis.{k}": v for k, v in ax.model_dump().items() if k != "name"})
     row.update({"spent_device_s": spent["device_seconds"], "spent_flops": spent["flops"],
                 "spent_fraction": spent["fraction"], "steps": metrics["steps"], "stopped_by": metrics["stopped_by"]})
+    if metrics.get("status") == "diverged":  # no scores to judge by: the trainer saw non-finite weights
+        row["status"] = "diverged"
     for stage in ledger.stages:
         if stage.extra.get("charged") or (stage.stage.startswith("eval") and not stage.cached):
             key = "eval" if stage.stage.startswith("eval@") else stage.stage
