@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from opd_bench.config import RunConfig, available_presets, load_config
@@ -130,12 +131,22 @@ def export_lm_eval(out_dir: Path = typer.Argument(..., help="folder for the task
 @app.command()
 def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (see `opd-bench list`)"),
         budget: Optional[str] = typer.Option(None, "--budget", "-b", help="device time (30h, 90m, 45s) or 3e15flop"),
-        preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt, seed: Optional[int] = SeedOpt):
+        preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt, seed: Optional[int] = SeedOpt,
+        run_id: Optional[str] = typer.Option(None, "--run-id", help="name of the run folder; a run of that id "
+                                             "that was cut short (crash, Ctrl-C) continues where it stopped"),
+        resume: bool = typer.Option(False, "--resume", help="continue the newest unfinished run of exactly this "
+                                    "configuration (else start one)")):
     """Train pi_sft with a method under a budget, evaluate, write runs/<id>/ and a leaderboard row."""
+    from opd_bench.resume import Interrupted
     from opd_bench.run import run as run_method
 
     cfg = _config(preset, list(set_ or []) + [f"method.name={method}"], seed)
-    m = run_method(cfg, method, budget, command=" ".join(["opd-bench", *sys.argv[1:]]))
+    try:
+        m = run_method(cfg, method, budget, command=" ".join(["opd-bench", *sys.argv[1:]]), run_id=run_id,
+                       resume=resume)
+    except Interrupted as exc:
+        print(f"interrupted: continue with the same command and --run-id {exc.run_id}", file=sys.stderr)
+        sys.exit(130)  # not typer.Exit: main() runs the app with standalone_mode=False, which returns its code
     table = Table(title=f"run {m['run_id']}")
     for col in ("task", "pi_sft avg@k", "after avg@k", "k"):
         table.add_column(col)
@@ -143,9 +154,136 @@ def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (s
         before = m["before"].get(tag, {}).get("avg@k", float("nan"))
         table.add_row(tag, f"{100 * before:.1f}", f"[b]{100 * after['avg@k']:.1f}[/b]", str(after["k"]))
     console.print(table)
+    if m.get("status") == "diverged":
+        console.print(f"[b]diverged[/b]: {m['stopped_by']}; not evaluated, leaderboard status 'diverged' "
+                      f"(lower train.lr or train.max_grad_norm)")
     console.print(f"spent {m['spent']['device_seconds']:.1f} device-s, {m['spent']['flops']:.3g} FLOPs "
                   f"({100 * m['spent']['fraction']:.0f}% of {budget or cfg.budget}); {m['steps']} steps, "
                   f"stopped by {m['stopped_by']}; run folder: {Path(cfg.runs_dir) / m['run_id']}")
+
+
+@app.command()
+def suite(seeds: int = typer.Option(3, "--seeds", help="seeds per run (the preset's seed, +1, ...)"),
+          workers: Optional[int] = typer.Option(None, "--workers", "-w", help="runs in parallel, one torch thread "
+                                                "each (default: the CPU count)"),
+          budget: Optional[str] = typer.Option(None, "--budget", "-b", help="budget of every run (default: the preset's)"),
+          sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="also run each core method at each value: "
+                                                    "--sweep lr=1e-4,3e-4 (repeatable; any config key)"),
+          core: bool = typer.Option(False, "--core/--full", help="core arms only, or also every ablation sweep"),
+          method: Optional[list[str]] = typer.Option(None, "--method", "-M", help="only this method's runs (repeatable)"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
+          report_out: Path = typer.Option(Path("reports"), "--out", help="report folder written at the end"),
+          make_report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
+          preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt):
+    """Every method (and, with --full, every ablation) x seeds under one budget, skipping finished runs; then the report."""
+    import time as _time
+
+    from opd_bench import suite as S
+    from opd_bench.leaderboard import finished_keys
+    from opd_bench.report import build
+
+    common = tuple(set_ or [])
+    cfg = _config(preset, list(common))
+    workers = workers or S.default_workers()
+    specs, notes = S.plan(preset, seeds=seeds, budget=budget, core=core, sweep=S.parse_sweep(sweep), common=common,
+                          finished=finished_keys(cfg.leaderboard), methods=tuple(method or ()))
+    todo = [s for s in specs if not s.done]
+    table = Table(title=f"suite --preset {preset}: {len(specs)} runs, {len(specs) - len(todo)} already finished")
+    for col in ("group", "run", "budget", "status"):
+        table.add_column(col)
+    for s in specs:
+        table.add_row(s.group, escape(s.label), s.budget, "[green]finished[/green]" if s.done else "to run")
+    console.print(table)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    if dry_run:
+        return
+    # One core per run: each run's evaluations use the cores left per worker (not part of the run key).
+    per_run = () if any(o.startswith("eval.workers=") for o in common) else \
+        (f"eval.workers={max(1, (os.cpu_count() or 1) // workers)}",)
+    if todo:
+        console.print(f"preparing the shared world and pi_sft's evaluation (cached) ...")
+        S.prepare_shared(preset, common, sorted({s.seed for s in todo}))
+    start = _time.perf_counter()
+    outcomes = S.execute(todo, preset, common + per_run, workers=workers, console=console,
+                         log_dir=Path(cfg.runs_dir) / "suite-logs", suite_command=" ".join(["opd-bench", *sys.argv[1:]]))
+    failed = [o for o in outcomes if o.returncode != 0]
+    console.print(f"suite: {len(outcomes) - len(failed)} runs finished, {len(failed)} failed, "
+                  f"{len(specs) - len(todo)} skipped, in {(_time.perf_counter() - start) / 60:.1f} minutes")
+    for o in failed:
+        console.print(f"[red]failed[/red] {escape(o.spec.label)} (exit {o.returncode}): {o.log}\n  "
+                      + escape("\n  ".join(o.tail)))
+    if make_report:
+        files = build(cfg.leaderboard, report_out, preset=preset, budget=budget,
+                      command=f"opd-bench report --preset {preset} --leaderboard {cfg.leaderboard} --out {report_out}")
+        console.print(f"report: {len(files)} files in {report_out}/ (README.md indexes them)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(leaderboard: Optional[Path] = typer.Option(None, "--leaderboard", "-l", help="the CSV (default: the "
+                                                      "preset's `leaderboard` setting)"),
+           out: Path = typer.Option(Path("reports"), "--out", "-o", help="report folder (rewritten)"),
+           budget: Optional[str] = typer.Option(None, "--budget", "-b", help="report runs of this budget (default: "
+                                                "the most common in the file)"),
+           preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt):
+    """Rebuild the report folder (tables as Markdown/LaTeX/CSV, figures, claims, README) from leaderboard.csv."""
+    from opd_bench.report import build
+
+    cfg = _config(preset, set_)
+    path = leaderboard or Path(cfg.leaderboard)
+    if not path.exists():
+        raise UserError(f"no leaderboard at {path}: run `opd-bench suite --preset {preset}` first, or pass --leaderboard")
+    command = f"opd-bench report --preset {preset} --leaderboard {path} --out {out}" + (f" --budget {budget}" if budget else "")
+    files = build(path, out, preset=preset, budget=budget, command=command)
+    console.print(f"wrote {len(files)} files to {out}/: " + ", ".join(p.name for p in files))
+
+
+DEFAULT_COLUMNS = ("run_id", "method", "variant", "seed", "train.lr", "budget", "status", "spent_device_s", "*.avg@k")
+
+
+@app.command("leaderboard")
+def leaderboard_(method: Optional[str] = typer.Option(None, "--method", "-M", help="only this method"),
+                 seed: Optional[int] = typer.Option(None, "--seed", help="only this seed"),
+                 status: Optional[str] = typer.Option(None, "--status", help="only this status (ok, diverged, ...)"),
+                 budget: Optional[str] = typer.Option(None, "--budget", "-b", help="only this budget"),
+                 columns: Optional[str] = typer.Option(None, "--columns", "-c", help="comma-separated columns; a "
+                                                       "'*' matches any text, e.g. 'run_id,method,*avg@k'"),
+                 last: Optional[int] = typer.Option(None, "--last", "-n", help="only the last N rows"),
+                 file: Optional[Path] = typer.Option(None, "--file", "-f", help="the CSV (default: the preset's)"),
+                 preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt):
+    """Print leaderboard.csv as a table, filtered by preset, method, seed, status and budget."""
+    from fnmatch import fnmatchcase
+
+    from opd_bench.leaderboard import filter_rows, read_rows
+
+    cfg = _config(preset, set_)
+    path = file or Path(cfg.leaderboard)
+    rows = filter_rows(read_rows(path), preset=preset, method=method, seed=seed, status=status, budget=budget)
+    rows = rows[-last:] if last else rows
+    present = list(dict.fromkeys(k for r in rows for k in r))
+    wanted = [c.strip() for c in columns.split(",")] if columns else list(DEFAULT_COLUMNS)
+    shown = [c for pattern in wanted for c in ([pattern] if pattern in present else
+                                                [k for k in present if "*" in pattern and fnmatchcase(k, pattern)])]
+    unknown = [p for p in wanted if "*" not in p and p not in present]
+    if columns and unknown and rows:
+        raise UserError(f"no column {unknown[0]!r} in {path}{did_you_mean(unknown[0], present)}")
+    table = Table(title=f"{path}: {len(rows)} rows (preset {preset})")
+    for col in shown:
+        table.add_column(col, no_wrap=col == "run_id")
+    for r in rows:
+        table.add_row(*[_short(r.get(c, "")) for c in shown])
+    # Piped output is not cut to 80 columns: a table of runs is wide.
+    (console if console.is_terminal else Console(width=240)).print(table)
+
+
+def _short(cell: str) -> str:
+    """Floats to 4 significant digits (integers as they are), long text cut."""
+    try:
+        return cell if cell.lstrip("-").isdigit() else f"{float(cell):.4g}"
+    except ValueError:
+        return cell if len(cell) <= 40 else cell[:37] + "..."
 
 
 @app.command("list")

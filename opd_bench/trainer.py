@@ -17,6 +17,8 @@ Every FLOP is charged to `self.cost` (generation 2N, scoring 2N, training 6N per
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
 
@@ -120,6 +122,29 @@ def mean_reverse_kl(student, teacher, tokenizer, prompts: list[str], *, max_new_
         total += float((S.reverse_kl(*logits) * mask).sum())
         count += completion.shape[0]
     return total / max(count, 1)
+
+
+def gradient_variance(group_losses, params) -> tuple[float, float]:
+    """Variance of a batch's stochastic gradient, estimated from G disjoint groups of the batch.
+
+    Each callable in `group_losses` returns a group's contribution L_h to the batch loss (normalized by the
+    batch's global token count, so g = sum_h g_h is the batch gradient). G*g_h are G independent estimates of
+    g at 1/G of the batch; their sample variance divided by G estimates the batch gradient's variance:
+        tr Cov(g) ~ (G * sum_h |g_h|^2 - |g|^2) / (G - 1)      (unbiased for i.i.d. groups; may be < 0)
+    Returns (that estimate, |g|^2). Memory: one gradient-sized buffer, whatever G.
+    """
+    total, sum_sq, n = None, 0.0, 0
+    for loss in group_losses:
+        grads = torch.autograd.grad(loss(), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+        sum_sq += sum(float(g.double().pow(2).sum()) for g in grads)
+        grads = [g if g.dtype == torch.float64 else g.float() for g in grads]
+        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        n += 1
+    if n < 2:
+        raise ValueError("gradient_variance needs at least 2 groups")
+    norm2 = sum(float(t.double().pow(2).sum()) for t in total)
+    return (n * sum_sq - norm2) / (n - 1), norm2
 
 
 class Signals:
@@ -299,6 +324,8 @@ class OPDTrainer(DistillationTrainer):
     # --- loss ------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._grad_variance_due():
+            self._log_grad_variance(model, inputs)
         if self.axes.loss == "full-kl":  # TRL's own loss; we only charge its FLOPs
             tokens = int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
             self.cost.train(self.n_student, tokens)
@@ -334,6 +361,53 @@ class OPDTrainer(DistillationTrainer):
             m["opd/advantage_var"].append(a.var().item())  # vOPD's variance claim is measured, not assumed
         if "entropy" in s.__dict__:  # logged only when the method computed it
             m["entropy"].append((s.entropy.masked_fill(~s.mask, 0).sum() / n).item())
+
+    # --- gradient variance: a diagnostic (vOPD's claim), measured on logging steps only -----------------
+
+    GRAD_VAR_GROUPS = 4  # row groups per measured micro-batch (3 degrees of freedom per measurement)
+    GRAD_VAR_MAX_PARAMS = 200_000_000  # larger students (GPU presets): the output head's gradient only, so the
+    # one extra gradient-sized buffer stays small (a full fp32 copy of an 8B model's gradient would be 32 GB)
+
+    def _grad_variance_due(self) -> bool:
+        """The first micro-batch of each step that will be logged; single process (sharded or DDP-wrapped
+        parameters would need collectives), and never while measuring (the measurement calls compute_loss)."""
+        every = max(1, int(self.args.logging_steps))
+        return (self.model.training and not getattr(self, "_measuring", False)
+                and self.accelerator.num_processes == 1 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+                and (self.state.global_step + 1) % every == 0
+                and self._step % self.args.gradient_accumulation_steps == 0)
+
+    def _log_grad_variance(self, model, inputs: dict) -> None:
+        """Log `opd/grad_var` (gradient_variance over row groups of this micro-batch, through the method's own
+        loss; TIP selects tokens within each group) and `opd/grad_norm2`. The training step itself is unchanged;
+        the measurement's FLOPs and signals are not recorded, and its time is given back to the budget's clock."""
+        from opd_bench.budget import BudgetCallback
+
+        rows = inputs["completion_ids"].shape[0]
+        if rows < 2:
+            return
+        metrics, cost = self._metrics["train"], self.cost
+
+        def group_loss(index):
+            sub = {k: v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for k, v in inputs.items()}
+            return lambda: self.compute_loss(model, sub)
+
+        with ExitStack() as clocks:
+            for callback in self.callback_handler.callbacks:  # like the curve evaluations, a diagnostic must not
+                if isinstance(callback, BudgetCallback):  # cost the method training steps
+                    clocks.enter_context(callback.pause())
+            self._metrics["train"], self.cost, self._measuring = defaultdict(list), StageCost(stage="grad-var"), True
+            try:
+                params = [p for p in model.parameters() if p.requires_grad]
+                if sum(p.numel() for p in params) > self.GRAD_VAR_MAX_PARAMS:
+                    head = self.accelerator.unwrap_model(model).get_output_embeddings()
+                    params = [p for p in head.parameters() if p.requires_grad]
+                groups = torch.arange(rows, device=inputs["completion_ids"].device).chunk(min(self.GRAD_VAR_GROUPS, rows))
+                var, norm2 = gradient_variance([group_loss(g) for g in groups], params)
+            finally:
+                self._metrics["train"], self.cost, self._measuring = metrics, cost, False
+        metrics["opd/grad_var"].append(var)
+        metrics["opd/grad_norm2"].append(norm2)
 
 
 def opd_args(cfg: RunConfig, ax: MethodAxes, out_dir: Path, n_rows: int | None = None) -> DistillationConfig:
