@@ -6,7 +6,7 @@
      compare micro-math accuracy before and after.
 
 Usage: python benchmarks/micro_world.py [--preset micro] [--set key=value] [--minutes 5] [--lr 3e-4]
-       [--skip-eval] [--skip-nll]
+       [--skip-eval] [--skip-nll] [--eval-stages sft-student]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="continuation lr (default: 1/10 of the student's peak)")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-nll", action="store_true")
+    ap.add_argument("--eval-stages", default="teacher-a,teacher-b,sft-student", help="models to evaluate")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, as in the CLI")
     args = ap.parse_args()
     cfg = load_config(args.preset, args.overrides)
@@ -76,7 +77,7 @@ def main() -> None:
     report: dict = {}
 
     if not args.skip_eval:
-        for stage in ("teacher-a", "teacher-b", "sft-student"):
+        for stage in args.eval_stages.split(","):
             for task in cfg.eval.tasks:
                 card = TASKS.get(task)
                 t0 = time.perf_counter()
