@@ -82,6 +82,9 @@ def main():
     ap.add_argument("--loss", choices=["sampled", "full"], default="sampled",
                     help="sampled-token policy gradient, or the exact per-state reverse KL (full vocabulary)")
     ap.add_argument("--n-eval", type=int, default=100, help="problems per split")
+    ap.add_argument("--offline", type=int, default=0, help="Lightning-style: pi_sft samples this many rollouts "
+                    "once, the teacher scores them once, then --passes passes over them (0: online)")
+    ap.add_argument("--passes", type=float, default=2.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
     paths = stage_paths(load_config("micro"))
@@ -95,11 +98,21 @@ def main():
     train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
     rng, start, step = random.Random(0), time.time(), 0
-    while time.time() - start < args.minutes * 60:
-        prompts = rng.sample(train, args.batch)
-        out, pm, comp, mask = sample(student, tok, prompts, False, 64)
+    pool = []
+    for _ in range(args.offline // args.batch):  # fixed rollouts of pi_sft, scored once
+        batch = sample(student, tok, rng.sample(train, args.batch), False, 64)
         with torch.no_grad():
-            lt_all = all_logps(teacher, out, pm, comp, mask)
+            pool.append((*batch, all_logps(teacher, *batch)))
+    max_steps = int(args.passes * len(pool)) if pool else 10**9
+    while time.time() - start < args.minutes * 60 and step < max_steps:
+        if pool:
+            if step % len(pool) == 0:
+                rng.shuffle(pool)
+            out, pm, comp, mask, lt_all = pool[step % len(pool)]
+        else:
+            out, pm, comp, mask = sample(student, tok, rng.sample(train, args.batch), False, 64)
+            with torch.no_grad():
+                lt_all = all_logps(teacher, out, pm, comp, mask)
         ls_all = all_logps(student, out, pm, comp, mask)
         lt, ls = (x.gather(-1, comp[..., None])[..., 0] for x in (lt_all, ls_all))
         adv = (lt - ls).detach()
