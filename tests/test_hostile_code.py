@@ -168,22 +168,28 @@ def test_infinite_loop(run, outside):
     score("while True:\n    pass\n", run, outside, expect="timeout", case="infinite loop")
 
 
+# Forks up to 200 sleeping children until the process limit refuses, then prints how many it got.
+FORK_SLEEPERS = (
+    "n = 0\n"
+    "for _ in range(200):\n"
+    "    try:\n"
+    "        pid = os.fork()\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    if pid == 0:\n"
+    "        time.sleep(30)\n"
+    "        os._exit(0)\n"
+    "    n += 1\n"
+    "print('forked', n, flush=True)\n"
+)
+
+
 @requires(*PRIVILEGED)
 def test_process_limit_holds(run):
     """Before any fork bomb: forking sleeping children stops at PROCESS_LIMIT, and all of them die."""
     program = (
         "import os, sys, time\n"
-        "n = 0\n"
-        "for _ in range(200):\n"
-        "    try:\n"
-        "        pid = os.fork()\n"
-        "    except OSError:\n"
-        "        break\n"
-        "    if pid == 0:\n"
-        "        time.sleep(30)\n"
-        "        os._exit(0)\n"
-        "    n += 1\n"
-        "print('forked', n, flush=True)\n"
+        + FORK_SLEEPERS +
         "sys.exit(0)\n"
     )
     score(program, run, expect="no nonce", case="fork 200 sleepers")
@@ -448,17 +454,7 @@ def test_drop_privileges_mode_without_namespaces(run, outside, monkeypatch):
         f"                                  {marker!r}])\n"
         "    os._exit(0)\n"
         "os.wait()\n"
-        "n = 0\n"
-        "for _ in range(200):\n"
-        "    try:\n"
-        "        pid = os.fork()\n"
-        "    except OSError:\n"
-        "        break\n"
-        "    if pid == 0:\n"
-        "        time.sleep(30)\n"
-        "        os._exit(0)\n"
-        "    n += 1\n"
-        "print('forked', n, flush=True)\n"
+        + FORK_SLEEPERS +
         f"open({str(outside.sentinels[1])!r}, 'w').write('overwritten')\n"
     )
     score(program, run, outside, marker=marker, expect="PermissionError", case="drop-privileges mode")
