@@ -434,22 +434,29 @@ def tip_rule(run: Run) -> str:
 
 
 def _duration(runs: list[Run]) -> str:
+    """Wall time with at least one run in progress (the union of the runs' intervals), so the idle gaps
+    between separate suite invocations do not count; plus the first-start-to-last-end span."""
     from datetime import datetime, timedelta
 
     ends = [(datetime.fromisoformat(r.end), r.wall_s) for r in runs if r.end]
     if not ends:
         return "unknown (no timestamps)"
-    known = [(e, w) for e, w in ends if w is not None]
-    starts = [e - timedelta(seconds=w) for e, w in known] or [min(e for e, _ in ends)]
-    span = (max(e for e, _ in ends) - min(starts)).total_seconds()
-    text = f"{span / 60:.1f} minutes from the first run's start to the last run's end"
-    if known:
-        text += f" ({sum(w for _, w in known) / 3600:.2f} hours of run processes in all"
-        text += "" if len(known) == len(ends) else f", {len(ends) - len(known)} rows without their wall time"
-        text += ")"
-    else:
-        text += " (rows without wall time: span between the first and last row's end)"
-    return text
+    known = sorted((e - timedelta(seconds=w), e) for e, w in ends if w is not None)
+    if not known:
+        span = (max(e for e, _ in ends) - min(e for e, _ in ends)).total_seconds()
+        return f"{span / 60:.1f} minutes between the first and the last row's end (rows without wall time)"
+    busy, (lo, hi) = 0.0, known[0]
+    for start, end in known[1:]:
+        if start > hi:  # a gap with no run in progress: close the interval
+            busy, lo = busy + (hi - lo).total_seconds(), start
+        hi = max(hi, end)
+    busy += (hi - lo).total_seconds()
+    span = (hi - known[0][0]).total_seconds()
+    text = (f"{busy / 60:.1f} minutes with at least one run in progress ({span / 60:.1f} minutes from the first "
+            f"run's start to the last run's end, idle gaps between invocations included; "
+            f"{sum(w for _, w in ends if w is not None) / 3600:.2f} hours of run processes in all")
+    missing = len(ends) - len(known)
+    return text + (f"; {missing} rows without their wall time, not counted)" if missing else ")")
 
 
 def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budget: str | None = None,

@@ -48,7 +48,7 @@ def figures(rep: Report, out: Path) -> list[tuple[str, str]]:
     lams = [(float(r.axes.get("lam", "nan")), 100 * metric(r, "avg")) for a in rep.arms if a.startswith("exopd")
             for r in rep.of(a) if metric(r, "avg") is not None]
     if lams:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        fig, ax = plt.subplots(figsize=(7, 4))
         sns.lineplot(pd.DataFrame(lams, columns=["lam", "acc"]), x="lam", y="acc", errorbar="sd", err_style="bars",
                      marker="o", ax=ax, label="ExOPD")
         ref = rep.stat("standard-opd", "avg")
@@ -56,7 +56,7 @@ def figures(rep: Report, out: Path) -> list[tuple[str, str]]:
             ax.axhline(100 * ref.mean, color="gray", linestyle="--", label="standard-opd")
         ax.set(xlabel="reward extrapolation lambda (dimensionless)", ylabel="accuracy, mean over tasks (%)",
                title="ExOPD lambda sweep (± 1 std over seeds)")
-        ax.legend()
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")  # outside: never over a whisker
         save(fig, "exopd_lambda.png", "ExOPD accuracy vs lambda, standard OPD dashed")
 
     tip_arms = [a for a in ["standard-opd"] + [a for a in rep.arms if a.startswith("tip")] if rep.of(a)]

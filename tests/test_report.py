@@ -164,3 +164,20 @@ def test_paper_numbers_sit_beside_ours_for_paper_presets():
     assert rows["  paper: pi_sft (SFT)"]["math avg"] == "50.8"
     micro = Report([parse(row, 2e-6)], "micro", "30h", 2e-6, "micro", "")
     assert not any(r[0].strip().startswith("paper") for r in micro.main().rows)  # no paper numbers for micro
+
+
+def test_how_long_it_took_counts_the_union_of_run_intervals_not_the_gaps_between_invocations():
+    from opd_bench.report import Run, _duration
+
+    def run(end_min, wall_min):
+        return Run(arm="a", method="a", seed="0", lr=None, status="ok", scores={}, base={}, stages={}, spent_s=0,
+                   curve=[], diag={}, end=f"2026-01-01T{10 + end_min // 60:02d}:{end_min % 60:02d}:00",
+                   wall_s=60.0 * wall_min)
+
+    # one invocation: runs [0, 10] and [5, 20] overlap (two workers); a second one 40 minutes later: [60, 70]
+    text = _duration([run(10, 10), run(20, 15), run(70, 10)])
+    assert text.startswith("30.0 minutes with at least one run in progress (70.0 minutes from the first")
+    assert "0.58 hours of run processes" in text  # 35 minutes of processes
+    assert "not counted" not in _duration([run(10, 10)])
+    rows_without_wall = [Run(**{**run(10, 10).__dict__, "wall_s": None}), run(30, 5)]
+    assert _duration(rows_without_wall).startswith("5.0 minutes") and "1 rows without their wall time" in _duration(rows_without_wall)
