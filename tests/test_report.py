@@ -167,17 +167,22 @@ def test_paper_numbers_sit_beside_ours_for_paper_presets():
 
 
 def test_how_long_it_took_counts_the_union_of_run_intervals_not_the_gaps_between_invocations():
-    from opd_bench.report import Run, _duration
+    from opd_bench.report import Run, _duration, _suite_lines
 
-    def run(end_min, wall_min):
+    def run(end_min, wall_min, command="opd-bench suite --core"):
         return Run(arm="a", method="a", seed="0", lr=None, status="ok", scores={}, base={}, stages={}, spent_s=0,
                    curve=[], diag={}, end=f"2026-01-01T{10 + end_min // 60:02d}:{end_min % 60:02d}:00",
-                   wall_s=60.0 * wall_min)
+                   wall_s=60.0 * wall_min, suite_command=command)
 
-    # one invocation: runs [0, 10] and [5, 20] overlap (two workers); a second one 40 minutes later: [60, 70]
-    text = _duration([run(10, 10), run(20, 15), run(70, 10)])
-    assert text.startswith("30.0 minutes with at least one run in progress (70.0 minutes from the first")
+    # one invocation: runs [0, 10] and [5, 20] overlap (two workers); 40 idle minutes; a second one: [60, 70]
+    runs = [run(10, 10), run(20, 15), run(70, 10, "opd-bench suite --full")]
+    text = _duration(runs)
+    assert text.startswith("30.0 minutes with at least one run in progress")
     assert "0.58 hours of run processes" in text  # 35 minutes of processes
-    assert "not counted" not in _duration([run(10, 10)])
-    rows_without_wall = [Run(**{**run(10, 10).__dict__, "wall_s": None}), run(30, 5)]
-    assert _duration(rows_without_wall).startswith("5.0 minutes") and "1 rows without their wall time" in _duration(rows_without_wall)
+    assert _suite_lines(runs) == ["opd-bench suite --core  # 2 runs, 20.0 min",
+                                  "opd-bench suite --full  # 1 run, 10.0 min"]
+    assert "not counted" not in _duration(runs[:1])
+    no_wall = Run(**{**runs[0].__dict__, "wall_s": None})
+    assert _duration([no_wall, run(30, 5)]).startswith("5.0 minutes")
+    assert "1 rows without their wall time" in _duration([no_wall, run(30, 5)])
+    assert _duration([no_wall]).startswith("unknown")
