@@ -84,6 +84,8 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model folder or 
           k: Optional[int] = typer.Option(None, help="samples per problem (default: the card's)"),
           out: Optional[Path] = typer.Option(None, help="output folder (default: next to the model, eval/<task>)"),
           max_new_tokens: Optional[int] = typer.Option(None, help="generation limit (default: the card's)"),
+          temperature: Optional[float] = typer.Option(None, min=0, help="sampling temperature, 0 = greedy "
+                                                      "(default: the card's); recorded in metrics.json's protocol"),
           backend: str = typer.Option("hf", help="generation backend: hf (default) or vllm (extra, GPU)"),
           preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt, seed: Optional[int] = SeedOpt):
     """Evaluate a saved model on task cards; writes samples.jsonl and metrics.json."""
@@ -105,7 +107,7 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model folder or 
         folder = out / card.name if out else model_dir / "eval" / f"{card.name}-v{card.version}"
         metrics = evaluate(model_dir, card, folder, n_per_split=n, batch_size=cfg.eval.batch_size,
                            workers=cfg.eval.workers, seed=cfg.seed, k=k, max_new_tokens=max_new_tokens,
-                           backend=backend)
+                           temperature=temperature, backend=backend)
         for split, m in sorted(metrics["per_split"].items()):
             table.add_row(card.tag, split, str(m["n_problems"]), f"{100 * m['avg@k']:.1f}",
                           f"{100 * m['pass@k']:.1f}", str(metrics["k"]))

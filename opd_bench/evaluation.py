@@ -20,11 +20,12 @@ from opd_bench.tasks import TaskCard
 
 def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_per_split: int | None = None,
              batch_size: int = 128, workers: int = 1, seed: int = 0, k: int | None = None,
-             max_new_tokens: int | None = None, backend: str = "hf") -> dict:
+             max_new_tokens: int | None = None, temperature: float | None = None, backend: str = "hf") -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = card.load_problems(n_per_split)
-    params = SamplingParams(n=k or card.k, temperature=card.temperature, top_p=card.top_p,
+    params = SamplingParams(n=k or card.k, temperature=card.temperature if temperature is None else temperature,
+                            top_p=card.top_p,
                             max_new_tokens=max_new_tokens or card.max_new_tokens, seed=seed)
     prompts = [card.render_prompt(p) for p in problems]
     completions = generate(model_dir, prompts, params, batch_size=batch_size, workers=workers,
@@ -46,7 +47,8 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
 
 
 def params_protocol(card: TaskCard, params: SamplingParams) -> dict:
-    return {**card.protocol(), "k": params.n, "max_new_tokens": params.max_new_tokens, "seed": params.seed}
+    return {**card.protocol(), "k": params.n, "temperature": params.temperature, "max_new_tokens": params.max_new_tokens,
+            "seed": params.seed}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

@@ -34,6 +34,20 @@ def test_prepare_is_cached_and_eval_writes_per_sample_records(smoke_world, tmp_p
     assert metrics["avg@k"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
 
 
+def test_eval_temperature_overrides_the_cards_protocol(smoke_world, tmp_path):
+    cfg, _ = smoke_world
+    out = cli("eval", "--preset", "smoke", "--set", f"artifacts_dir={cfg.artifacts_dir}", "--model", "sft-student",
+              "--task", "micro-math", "--out", str(tmp_path), "--k", "2", "--temperature", "1.0")
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "micro-math" / "metrics.json").read_text())
+    assert metrics["protocol"]["temperature"] == 1.0  # the card says 0 (greedy)
+    records = [json.loads(line) for line in (tmp_path / "micro-math" / "samples.jsonl").read_text().splitlines()]
+    pairs = {}
+    for r in records:
+        pairs.setdefault(r["problem_id"], []).append(r["completion"])
+    assert any(a != b for a, b in pairs.values())  # greedy would give two identical samples per problem
+
+
 def test_eval_accepts_a_model_folder(smoke_world, tmp_path):
     cfg, world = smoke_world
     out = cli("eval", "--preset", "smoke", "--model", str(world.teacher_b), "--task", "micro-code",

@@ -1,0 +1,111 @@
+"""Research probe (not a test): does OPD help a student whose teacher writes in two styles?
+
+The idea: SFT (forward KL) on a two-mode teacher spends the small student's capacity on both notations;
+on-policy distillation (reverse KL) could let it settle on one. Here the "teacher" is the exact
+sequence-level mixture 0.5 teacher A + 0.5 teacher B of the micro world:
+  log p(y_t | s_t) = logaddexp(cA_t, cB_t) - logaddexp(cA_<t, cB_<t),   c = cumulative log-probs.
+1. SFT data: the micro world's sft-data with every other completion replaced by teacher B's sample
+   (same temperature); the preset's student is trained on it from scratch, exactly like pi_sft.
+2. Sampled-token OPD against the mixture teacher, plain PyTorch (as in probe_plain_opd.py).
+Prints greedy micro-math accuracy, the share of style-B answers and the held-out sampled reverse KL.
+
+Usage: python benchmarks/probe_two_style_teacher.py --out /tmp/two-style [--minutes 4] [--lr 3e-4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from probe_plain_opd import accuracy, all_logps, sample  # noqa: E402
+
+from opd_bench.config import load_config  # noqa: E402
+from opd_bench.micro.problems import eval_problems, train_problems  # noqa: E402
+from opd_bench.micro.world import _train_from_scratch, load_sft_data, stage_paths  # noqa: E402
+
+
+def build_student(out: Path, cfg, paths) -> Path:
+    from opd_bench.generation import SamplingParams, generate
+    from opd_bench.ledger import StageCost
+
+    if (out / "student" / "config.json").exists():
+        return out / "student"
+    w = cfg.world
+    data = load_sft_data(paths["sft-data"])
+    prompts, completions = list(data["prompt"]), list(data["completion"])
+    odd = list(range(1, len(prompts), 2))
+    samples = generate(paths["teacher-b"], [prompts[i] for i in odd],
+                       SamplingParams(temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=cfg.seed),
+                       desc="teacher B samples")
+    for i, s in zip(odd, samples):
+        completions[i] = s[0].text
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    _train_from_scratch(out / "student", StageCost("two-style-student"), paths["tokenizer"], w.student,
+                        w.student_training, prompts, completions, cfg.seed, 1)
+    return out / "student"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True, help="where the two-style student is built (reused)")
+    ap.add_argument("--minutes", type=float, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config("micro")
+    paths = stage_paths(cfg)
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    student = AutoModelForCausalLM.from_pretrained(build_student(args.out, cfg, paths))
+    teachers = [AutoModelForCausalLM.from_pretrained(paths[t]).eval() for t in ("teacher-a", "teacher-b")]
+
+    def mixture_logps(out, prompt_mask, comp, mask):
+        with torch.no_grad():
+            la, lb = (all_logps(t, out, prompt_mask, comp, mask).gather(-1, comp[..., None])[..., 0] * mask
+                      for t in teachers)
+        ca, cb = la.cumsum(1), lb.cumsum(1)
+        return torch.logaddexp(ca, cb) - torch.logaddexp(ca - la, cb - lb)
+
+    def style_b_share(problems):
+        _, _, comp, _ = sample(student, tok, [p.prompt for p in problems], True, 64)
+        return round(100 * sum(" = " in t for t in tok.batch_decode(comp, skip_special_tokens=True)) / len(problems), 1)
+
+    def reverse_kl(prompts):
+        torch.manual_seed(0)
+        batch = sample(student, tok, prompts, False, 64)
+        with torch.no_grad():
+            ls = all_logps(student, *batch).gather(-1, batch[2][..., None])[..., 0]
+        mask = batch[3]
+        return round(float(((ls - mixture_logps(*batch)) * mask).sum() / mask.sum()), 4)
+
+    problems = eval_problems("micro-math", 100)
+    held = [p.prompt for p in problems[::3]][:96]
+    print("before: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
+          "rKL/token", reverse_kl(held), flush=True)
+    train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
+    opt = torch.optim.Adam(student.parameters(), lr=args.lr)
+    rng, start, step = random.Random(0), time.time(), 0
+    while time.time() - start < args.minutes * 60:
+        out, prompt_mask, comp, mask = sample(student, tok, rng.sample(train, args.batch), False, 64)
+        lt = mixture_logps(out, prompt_mask, comp, mask)
+        ls = all_logps(student, out, prompt_mask, comp, mask).gather(-1, comp[..., None])[..., 0]
+        loss = -((lt - ls).detach() * ls * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        step += 1
+    print("after", step, "steps: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
+          "rKL/token", reverse_kl(held), flush=True)
+
+
+if __name__ == "__main__":
+    main()
