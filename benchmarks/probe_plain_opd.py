@@ -64,11 +64,12 @@ def accuracy(model, tok, problems, max_new=64):
     return round(100 * sum(sum(v) for v in right.values()) / sum(len(v) for v in right.values()), 1), per
 
 
-def reverse_kl(student, teacher, tok, prompts, max_new=64):
+def reverse_kl(student, teacher_logps, tok, prompts, max_new=64):
+    """Sampled per-token reverse KL on `prompts`; teacher_logps(out, prompt_mask, comp, mask) scores the tokens."""
     torch.manual_seed(0)
     out, pm, comp, mask = sample(student, tok, prompts, False, max_new)
     with torch.no_grad():
-        ls, lt = token_logps(student, out, pm, comp, mask), token_logps(teacher, out, pm, comp, mask)
+        ls, lt = token_logps(student, out, pm, comp, mask), teacher_logps(out, pm, comp, mask)
     return float(((ls - lt) * mask).sum() / mask.sum())
 
 
@@ -92,9 +93,10 @@ def main():
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    teacher_logps = lambda *batch: token_logps(teacher, *batch)  # noqa: E731
     problems = eval_problems("micro-math", args.n_eval)
     held = [p.prompt for p in problems[::3]][:96]
-    print("before: acc", accuracy(student, tok, problems), "rKL/token", round(reverse_kl(student, teacher, tok, held), 4))
+    print("before: acc", accuracy(student, tok, problems), "rKL/token", round(reverse_kl(student, teacher_logps, tok, held), 4))
     train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
     rng, start, step = random.Random(0), time.time(), 0
@@ -129,7 +131,7 @@ def main():
             print(f"step {step} {time.time() - start:.0f}s sampled rKL {float(-(adv * mask).sum() / mask.sum()):.4f}",
                   flush=True)
     print("after", step, "steps: acc", accuracy(student, tok, problems), "rKL/token",
-          round(reverse_kl(student, teacher, tok, held), 4))
+          round(reverse_kl(student, teacher_logps, tok, held), 4))
 
 
 if __name__ == "__main__":

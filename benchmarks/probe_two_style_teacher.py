@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_plain_opd import accuracy, all_logps, sample  # noqa: E402
+from probe_plain_opd import accuracy, all_logps, reverse_kl, sample  # noqa: E402
 
 from opd_bench.config import load_config  # noqa: E402
 from opd_bench.micro.problems import eval_problems, train_problems  # noqa: E402
@@ -78,18 +78,10 @@ def main():
         _, _, comp, _ = sample(student, tok, [p.prompt for p in problems], True, 64)
         return round(100 * sum(" = " in t for t in tok.batch_decode(comp, skip_special_tokens=True)) / len(problems), 1)
 
-    def reverse_kl(prompts):
-        torch.manual_seed(0)
-        batch = sample(student, tok, prompts, False, 64)
-        with torch.no_grad():
-            ls = all_logps(student, *batch).gather(-1, batch[2][..., None])[..., 0]
-        mask = batch[3]
-        return round(float(((ls - mixture_logps(*batch)) * mask).sum() / mask.sum()), 4)
-
     problems = eval_problems("micro-math", 100)
     held = [p.prompt for p in problems[::3]][:96]
     print("before: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
-          "rKL/token", reverse_kl(held), flush=True)
+          "rKL/token", round(reverse_kl(student, mixture_logps, tok, held), 4), flush=True)
     train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
     opt = torch.optim.Adam(student.parameters(), lr=args.lr)
     rng, start, step = random.Random(0), time.time(), 0
@@ -104,7 +96,7 @@ def main():
         opt.step()
         step += 1
     print("after", step, "steps: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
-          "rKL/token", reverse_kl(held), flush=True)
+          "rKL/token", round(reverse_kl(student, mixture_logps, tok, held), 4), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ class Run:
     wall_s: float | None = None
     suite_command: str = ""
 
+    @property
+    def interval(self) -> tuple | None:
+        """(start, end) of the run's process as datetimes; None without its end time or wall time."""
+        from datetime import datetime, timedelta
+
+        if not self.end or self.wall_s is None:
+            return None
+        end = datetime.fromisoformat(self.end)
+        return end - timedelta(seconds=self.wall_s), end
+
 
 def _float(value) -> float | None:
     try:
@@ -436,10 +446,7 @@ def tip_rule(run: Run) -> str:
 def _busy_seconds(runs: list[Run]) -> float | None:
     """Wall time with at least one of these runs in progress: the union of their intervals, so idle gaps
     (between separate suite invocations, or before a suite was continued) do not count."""
-    from datetime import datetime, timedelta
-
-    spans = sorted((end - timedelta(seconds=r.wall_s), end)
-                   for r in runs if r.end and r.wall_s is not None for end in [datetime.fromisoformat(r.end)])
+    spans = sorted(r.interval for r in runs if r.interval)
     if not spans:
         return None
     busy, (lo, hi) = 0.0, spans[0]
@@ -454,7 +461,7 @@ def _duration(runs: list[Run]) -> str:
     busy = _busy_seconds(runs)
     if busy is None:
         return "unknown (no run has its wall time)"
-    timed = [r for r in runs if r.end and r.wall_s is not None]
+    timed = [r for r in runs if r.interval]
     text = (f"{busy / 60:.1f} minutes with at least one run in progress, idle gaps between invocations left out "
             f"({sum(r.wall_s for r in timed) / 3600:.2f} hours of run processes in all")
     missing = len(runs) - len(timed)
