@@ -73,6 +73,8 @@ class World(Section):
     student_training: Training = Field(default_factory=Training)
     math_fraction: float = Field(0.6, ge=0, le=1, description="share of micro-math in training mixes")
     sft_prompts: int = Field(16000, ge=1, description="training prompts teacher A answers for sft_data")
+    corrections: float = Field(0.0, ge=0, le=1, description="teachers' micro-math data: share of steps first "
+                               "written wrong, then corrected (`46*2=93!92`, the wrong result out of the loss)")
     sft_temperature: float = Field(0.7, ge=0, description="teacher A's sampling temperature for sft_data")
     max_new_tokens: int = Field(128, ge=1, description="generation limit for sft_data")
 

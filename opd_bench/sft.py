@@ -14,8 +14,13 @@ from opd_bench.config import Training
 from opd_bench.generation import chat_prompt
 
 
-def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]):
-    """A `datasets.Dataset` of chat-formatted (prompt, completion) pairs, loss on the completion only."""
+def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
+                   unlearned: list[list[tuple[int, int]]] | None = None):
+    """A `datasets.Dataset` of chat-formatted (prompt, completion) pairs, loss on the completion only.
+
+    `unlearned`: per completion, character spans kept out of the loss as well (the micro world's
+    corrected mistakes); needs a tokenizer with one token per character.
+    """
     from datasets import Dataset
 
     prompt_texts = [chat_prompt(tokenizer, p) for p in prompts]
@@ -27,9 +32,15 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str]):
         raise ValueError("the tokenizer's chat template does not end an assistant turn with EOS")
     p_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer([c + tokenizer.eos_token for c in completions], add_special_tokens=False)["input_ids"]
+    labels = [list(c) for c in c_ids]
+    for text, ids, spans in zip(completions, labels, unlearned or []):
+        if spans and len(ids) != len(text) + 1:
+            raise ValueError("unlearned spans need a tokenizer with one token per character")
+        for start, end in spans:
+            ids[start:end] = [-100] * (end - start)
     return Dataset.from_dict({
         "input_ids": [p + c for p, c in zip(p_ids, c_ids)],
-        "labels": [[-100] * len(p) + c for p, c in zip(p_ids, c_ids)],
+        "labels": [[-100] * len(p) + c for p, c in zip(p_ids, labels)],
     })
 
 

@@ -117,6 +117,35 @@ def test_ground_truth_solutions_are_correct_in_both_styles():
         assert all(score_code(p.solutions[s], p.answer).correct for s in "AB"), p
 
 
+def test_corrected_solutions_mask_exactly_the_wrong_results(tmp_path):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from opd_bench.sft import tokenize_pairs
+
+    build_char_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    rng, steps, fixed = random.Random(0), 0, 0
+    for p in P.train_problems("micro-math", 300, 0):
+        for style, fix in (("A", "!"), ("B", " ! ")):
+            assert P.with_corrections(p.solutions[style], style, rng, 0.0) == (p.solutions[style], [])
+            text, spans = P.with_corrections(p.solutions[style], style, rng, 0.3)
+            # Cutting each `wrong!` out gives back the ground truth; each cut value differs from the right one.
+            restored = text
+            for start, end in reversed(spans):
+                assert text[end:end + len(fix)] == fix
+                right = text[end + len(fix):].split("\n" if style == "A" else ";")[0]
+                assert text[start:end] != right and 0 <= int(text[start:end]) <= 99
+                restored = restored[:start] + restored[end + len(fix):]
+            assert restored == p.solutions[style]
+            steps, fixed = steps + int(p.split[-1]), fixed + len(spans)
+            labels = tokenize_pairs(tok, [p.prompt], [text], [spans])[0]["labels"]
+            learned = tok.decode([t for t in labels if t != -100], skip_special_tokens=True)
+            assert learned == "".join(c for i, c in enumerate(text) if not any(s <= i < e for s, e in spans))
+    assert 0.25 < fixed / steps < 0.35
+
+
 def test_generators_are_seeded():
     a = P.train_problems("micro-code", 50, 3)
     assert a == P.train_problems("micro-code", 50, 3) and a != P.train_problems("micro-code", 50, 4)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
+
 from opd_bench.tasks import Problem
 
 HELD_OUT_BUCKETS = 8  # 1 in 8 prompts is reserved for evaluation
@@ -71,6 +73,37 @@ def make_math_problem(rng: random.Random, n_ops: int) -> Problem:
     style_b = "".join(f"{a} {op} {b} = {c}; " for op, a, b, c in steps) + f"\\boxed{{{answer}}}"
     pid = "math-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
     return Problem(pid, "micro-math", f"ops-{n_ops}", prompt, answer, {"A": style_a, "B": style_b})
+
+
+_STEP = {"A": re.compile(r"(\d+)([+*-])(\d+)=(\d+)\n"), "B": re.compile(r"(\d+) ([+*-]) (\d+) = (\d+); ")}
+_FIX = {"A": "{a}{op}{b}={wrong}!{c}\n", "B": "{a} {op} {b} = {wrong} ! {c}; "}
+
+
+def with_corrections(solution: str, style: str, rng: random.Random, rate: float) -> tuple[str, list[tuple[int, int]]]:
+    """A math solution in which each step is, with probability `rate`, first written with a wrong
+    result and then corrected (`46*2=93!92`), and the character spans of the wrong results.
+
+    Training on it with the wrong results masked out of the loss gives a teacher that never makes
+    such an error itself but knows what to do after one: the states a student reaches by its own
+    mistakes, which SFT on the teacher's samples never shows it and on-policy distillation does.
+    """
+    out, spans, pos = [], [], 0
+    for m in _STEP[style].finditer(solution):
+        out.append(solution[pos:m.start()])
+        a, op, b, c = m.groups()
+        if rng.random() < rate:
+            wrong = int(c) + rng.choice((-10, -2, -1, 1, 2, 10))
+            if not 0 <= wrong <= 99:
+                wrong = rng.choice([v for v in range(100) if v != int(c)])
+            text = _FIX[style].format(a=a, op=op, b=b, wrong=wrong, c=c)
+            start = sum(map(len, out)) + text.index(str(wrong), text.index("="))
+            spans.append((start, start + len(str(wrong))))
+            out.append(text)
+        else:
+            out.append(m.group(0))
+        pos = m.end()
+    out.append(solution[pos:])
+    return "".join(out), spans
 
 
 # ----------------------------------------------------------------------------- micro-code

@@ -48,7 +48,8 @@ def _teacher_inputs(cfg: RunConfig, style: str) -> dict:
     w = cfg.world
     return {"tokenizer": stage_dir(cfg.artifacts_dir, "tokenizer", _tokenizer_inputs()).name,
             "style": style, "arch": w.teacher.model_dump(), "training": w.teacher_training.model_dump(),
-            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed}
+            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed,
+            **({"corrections": w.corrections} if w.corrections else {})}  # absent at 0: keys stay as they were
 
 
 def _sft_data_inputs(cfg: RunConfig) -> dict:
@@ -96,7 +97,8 @@ def _build_tokenizer(folder: Path, cost: StageCost) -> dict:
 
 
 def _train_from_scratch(folder: Path, cost: StageCost, tokenizer_dir: Path, arch: Arch, training: Training,
-                        prompts: list[str], completions: list[str], seed: int, threads: int) -> dict:
+                        prompts: list[str], completions: list[str], seed: int, threads: int,
+                        unlearned: list | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -107,7 +109,7 @@ def _train_from_scratch(folder: Path, cost: StageCost, tokenizer_dir: Path, arch
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = new_model(tokenizer, seed, **arch.model_dump())
     n_params = sum(p.numel() for p in model.parameters())
-    stats = train_sft(model, tokenizer, tokenize_pairs(tokenizer, prompts, completions), training, folder, seed=seed)
+    stats = train_sft(model, tokenizer, tokenize_pairs(tokenizer, prompts, completions, unlearned), training, folder, seed=seed)
     _drop_trainer_folder(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -117,15 +119,19 @@ def _train_from_scratch(folder: Path, cost: StageCost, tokenizer_dir: Path, arch
 
 def _build_teacher(cfg_json: str, style: str) -> tuple[Path, StageCost]:
     """Runs in a worker process (one core)."""
+    from opd_bench.micro.problems import with_corrections
+
     cfg = RunConfig.model_validate_json(cfg_json)
     w = cfg.world
     tokenizer_dir = stage_paths(cfg)["tokenizer"]
 
     def build(folder: Path, cost: StageCost) -> dict:
         problems = training_mix(w.teacher_training.examples, w.math_fraction, f"teacher-{cfg.seed}")
+        rng = random.Random(f"corrections-{cfg.seed}")
+        texts, unlearned = zip(*(with_corrections(p.solutions[style], style, rng, w.corrections)
+                                 if p.task == "micro-math" else (p.solutions[style], []) for p in problems))
         return _train_from_scratch(folder, cost, tokenizer_dir, w.teacher, w.teacher_training,
-                                   [p.prompt for p in problems], [p.solutions[style] for p in problems],
-                                   cfg.seed, cfg.threads)
+                                   [p.prompt for p in problems], list(texts), cfg.seed, cfg.threads, list(unlearned))
 
     return build_stage(cfg.artifacts_dir, f"teacher-{style.lower()}", _teacher_inputs(cfg, style), build)
 
