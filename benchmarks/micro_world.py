@@ -3,7 +3,9 @@
   1. greedy accuracy of teacher A, teacher B and the SFT student per held-out split;
   2. teacher A's (and B's) per-token NLL of style-A vs style-B ground-truth solutions;
   3. convergence: continue the SFT student's training for --minutes on fresh teacher-A samples and
-     compare micro-math accuracy before and after.
+     compare micro-math accuracy before and after;
+  4. with world.corrections > 0: how often each model flags a step as wrong (`!`) after a wrong
+     result and after a right one (--flag-models adds trained students, e.g. runs/<id>/model).
 
 Usage: python benchmarks/micro_world.py [--preset micro] [--set key=value] [--minutes 5] [--lr 3e-4]
        [--skip-eval] [--skip-nll] [--eval-stages sft-student]
@@ -49,6 +51,25 @@ def style_nll(model_dir: Path, problems, style: str) -> float:
     return total / count
 
 
+def flag_rates(model_dir: Path, problems) -> dict:
+    """Mean probability of `!` right after the first step's result, when that result is wrong vs right."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    flag = tok.convert_tokens_to_ids("!")
+    sums = {"after_wrong": 0.0, "after_right": 0.0}
+    for i, p in enumerate(problems):
+        step = p.solutions["A"].split("\n")[0]  # `a op b=c`
+        lhs, right = step.split("=")
+        wrong = (int(right) + (1, -1, 10, -10)[i % 4]) % 100
+        for key, value in (("after_wrong", wrong), ("after_right", int(right))):
+            text = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
+                                           tokenize=False) + f"{lhs}={value}"
+            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                sums[key] += torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[flag].item()
+    return {k: round(v / len(problems), 4) for k, v in sums.items()}
+
+
 class TimeLimit(TrainerCallback):
     def __init__(self, seconds: float):
         self.seconds, self.start = seconds, None
@@ -69,6 +90,8 @@ def main() -> None:
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-nll", action="store_true")
     ap.add_argument("--eval-stages", default="teacher-a,teacher-b,sft-student", help="models to evaluate")
+    ap.add_argument("--flag-models", default="", help="extra model folders for the `!` rates (comma-separated)")
+    ap.add_argument("--skip-convergence", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, as in the CLI")
     args = ap.parse_args()
     cfg = load_config(args.preset, args.overrides)
@@ -92,6 +115,16 @@ def main() -> None:
         nll = {style: round(style_nll(paths[stage], held_out, style), 4) for style in "AB"}
         report[f"{stage}/nll"] = nll
         print(stage, "per-token NLL of style A vs B solutions:", nll, flush=True)
+
+    if cfg.world.corrections:
+        math_held_out = eval_problems("micro-math", 100)
+        for model_dir in ["teacher-a", "sft-student", *filter(None, args.flag_models.split(","))]:
+            rates = flag_rates(paths.get(model_dir, Path(model_dir)), math_held_out)
+            report[f"{model_dir}/flags"] = rates
+            print(model_dir, "P(`!`) after a wrong / a right first step:", rates, flush=True)
+    if args.skip_convergence:
+        print(json.dumps(report, indent=1))
+        return
 
     # Convergence: more SFT on fresh teacher-A samples (prompts the student has never seen).
     w = cfg.world
