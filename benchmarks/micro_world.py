@@ -118,7 +118,8 @@ def main() -> None:
 
     if cfg.world.corrections:
         math_held_out = eval_problems("micro-math", 100)
-        for model_dir in ["teacher-a", "sft-student", *filter(None, args.flag_models.split(","))]:
+        built = [stage for stage in ("teacher-a", "sft-student") if (paths[stage] / "config.json").exists()]
+        for model_dir in built + list(filter(None, args.flag_models.split(","))):
             rates = flag_rates(paths.get(model_dir, Path(model_dir)), math_held_out)
             report[f"{model_dir}/flags"] = rates
             print(model_dir, "P(`!`) after a wrong / a right first step:", rates, flush=True)
