@@ -26,7 +26,6 @@ import argparse
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from micro_world import TimeLimit, flag_rates  # noqa: E402
-from probe_plain_opd import accuracy, sample, token_logps  # noqa: E402
+from probe_plain_opd import accuracy, sampled_opd, token_logps  # noqa: E402
 
 from opd_bench.config import Training, load_config  # noqa: E402
 from opd_bench.generation import SamplingParams, generate  # noqa: E402
@@ -112,29 +111,15 @@ def main():
         return
     work = args.out / args.arm
     shutil.rmtree(work, ignore_errors=True)
-    start, step = time.time(), 0
     if args.arm == "opd":
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
         train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
-        opt = torch.optim.Adam(student.parameters(), lr=args.lr)
-        rng = random.Random(0)
-        while time.time() - start < args.minutes * 60:
-            batch = sample(student, tok, rng.sample(train, args.batch), False, 96)
-            with torch.no_grad():
-                lt = token_logps(teacher, *batch)
-            ls = token_logps(student, *batch)
-            mask = batch[3]
-            loss = -((lt - ls).detach() * ls * mask).sum() / mask.sum()
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            step += 1
+        step = sampled_opd(student, tok, lambda *batch: token_logps(teacher, *batch), train, args.minutes, args.lr,
+                           args.batch, max_new=96)
     else:  # more SFT on fresh teacher samples, constant lr = the student's peak / 10
         w = cfg.world
         fresh = training_mix(w.sft_prompts, w.math_fraction, f"convergence-check-{cfg.seed}")
         data = tokenize_pairs(tok, [p.prompt for p in fresh], teacher_samples(args.teacher, fresh, cfg, 99))
-        start = time.time()
         training = Training(steps=10**6, batch_size=w.student_training.batch_size, lr=w.student_training.lr / 10,
                             warmup_steps=0, examples=1)
         step = train_sft(student, tok, data, training, work, seed=0, lr_scheduler="constant",

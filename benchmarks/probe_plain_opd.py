@@ -73,6 +73,28 @@ def reverse_kl(student, teacher_logps, tok, prompts, max_new=64):
     return float(((ls - lt) * mask).sum() / mask.sum())
 
 
+def sampled_opd(student, tok, teacher_logps, prompts: list[str], minutes: float, lr: float, batch: int,
+                max_new: int = 64) -> int:
+    """Online sampled-token OPD for `minutes` (Adam, grad-norm clip 1); returns the optimizer steps.
+
+    teacher_logps(out, prompt_mask, comp, mask) scores the sampled tokens (no gradient needed).
+    """
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    rng, start, step = random.Random(0), time.time(), 0
+    while time.time() - start < minutes * 60:
+        out, prompt_mask, comp, mask = sample(student, tok, rng.sample(prompts, batch), False, max_new)
+        with torch.no_grad():
+            lt = teacher_logps(out, prompt_mask, comp, mask)
+        ls = token_logps(student, out, prompt_mask, comp, mask)
+        loss = -((lt - ls).detach() * ls * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        step += 1
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--student")

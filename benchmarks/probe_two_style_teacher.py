@@ -15,16 +15,14 @@ Usage: python benchmarks/probe_two_style_teacher.py --out /tmp/two-style [--minu
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_plain_opd import accuracy, all_logps, reverse_kl, sample  # noqa: E402
+from probe_plain_opd import accuracy, all_logps, reverse_kl, sample, sampled_opd  # noqa: E402
 
 from opd_bench.config import load_config  # noqa: E402
 from opd_bench.micro.problems import eval_problems, train_problems  # noqa: E402
@@ -83,18 +81,7 @@ def main():
     print("before: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
           "rKL/token", round(reverse_kl(student, mixture_logps, tok, held), 4), flush=True)
     train = [p.prompt for p in train_problems("micro-math", 200_000, 7)]
-    opt = torch.optim.Adam(student.parameters(), lr=args.lr)
-    rng, start, step = random.Random(0), time.time(), 0
-    while time.time() - start < args.minutes * 60:
-        out, prompt_mask, comp, mask = sample(student, tok, rng.sample(train, args.batch), False, 64)
-        lt = mixture_logps(out, prompt_mask, comp, mask)
-        ls = all_logps(student, out, prompt_mask, comp, mask).gather(-1, comp[..., None])[..., 0]
-        loss = -((lt - ls).detach() * ls * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        step += 1
+    step = sampled_opd(student, tok, mixture_logps, train, args.minutes, args.lr, args.batch)
     print("after", step, "steps: acc", accuracy(student, tok, problems), "style-B %", style_b_share(problems[:150]),
           "rKL/token", round(reverse_kl(student, mixture_logps, tok, held), 4), flush=True)
 
