@@ -41,9 +41,10 @@ def sample(model, tok, prompts, greedy: bool, max_new: int):
     return out, enc["attention_mask"], comp, mask
 
 
-def all_logps(model, out, prompt_mask, comp, mask):
+def all_logps(model, out, prompt_mask, comp, mask, temperature: float = 1.0):
     attn = torch.cat([prompt_mask, mask.long()], 1)
-    return torch.log_softmax(model(input_ids=out, attention_mask=attn).logits[:, -comp.shape[1] - 1:-1].float(), -1)
+    logits = model(input_ids=out, attention_mask=attn).logits[:, -comp.shape[1] - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1)
 
 
 def token_logps(model, out, prompt_mask, comp, mask):
@@ -108,6 +109,8 @@ def main():
     ap.add_argument("--offline", type=int, default=0, help="Lightning-style: pi_sft samples this many rollouts "
                     "once, the teacher scores them once, then --passes passes over them (0: online)")
     ap.add_argument("--passes", type=float, default=2.0)
+    ap.add_argument("--teacher-temperature", type=float, default=1.0, help="score with the teacher's logits / T "
+                    "(T > 1 softens a near-deterministic teacher; 1: standard OPD)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     paths = stage_paths(load_config("micro"))
@@ -115,7 +118,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     student = AutoModelForCausalLM.from_pretrained(student_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    teacher_logps = lambda *batch: token_logps(teacher, *batch)  # noqa: E731
+    teacher_all = lambda *batch: all_logps(teacher, *batch, temperature=args.teacher_temperature)  # noqa: E731
+    teacher_logps = lambda out, pm, comp, mask: (  # noqa: E731
+        teacher_all(out, pm, comp, mask).gather(-1, comp[..., None])[..., 0])
     problems = eval_problems("micro-math", args.n_eval)
     held = [p.prompt for p in problems[::3]][:96]
     print("before: acc", accuracy(student, tok, problems), "rKL/token", round(reverse_kl(student, teacher_logps, tok, held), 4))
@@ -126,7 +131,7 @@ def main():
     for _ in range(args.offline // args.batch):  # fixed rollouts of pi_sft, scored once
         batch = sample(student, tok, rng.sample(train, args.batch), False, 64)
         with torch.no_grad():
-            pool.append((*batch, all_logps(teacher, *batch)))
+            pool.append((*batch, teacher_all(*batch)))
     max_steps = int(args.passes * len(pool)) if pool else 10**9
     while time.time() - start < args.minutes * 60 and step < max_steps:
         if pool:
@@ -136,7 +141,7 @@ def main():
         else:
             out, pm, comp, mask = sample(student, tok, rng.sample(train, args.batch), False, 64)
             with torch.no_grad():
-                lt_all = all_logps(teacher, out, pm, comp, mask)
+                lt_all = teacher_all(out, pm, comp, mask)
         ls_all = all_logps(student, out, pm, comp, mask)
         lt, ls = (x.gather(-1, comp[..., None])[..., 0] for x in (lt_all, ls_all))
         adv = (lt - ls).detach()
