@@ -4,7 +4,8 @@
   2. teacher A's (and B's) per-token NLL of style-A vs style-B ground-truth solutions;
   3. convergence: continue the SFT student's training for --minutes on fresh teacher-A samples and
      compare micro-math accuracy before and after;
-  4. with world.corrections > 0: how often each model flags a step as wrong (`!`) after a wrong
+  4. after a planted wrong first result, how often a model computes the next step right from it;
+  5. with world.corrections > 0: how often each model flags a step as wrong (`!`) after a wrong
      result and after a right one (--flag-models adds trained students, e.g. runs/<id>/model).
 
 Usage: python benchmarks/micro_world.py [--preset micro] [--set key=value] [--minutes 5] [--lr 3e-4]
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -70,6 +72,29 @@ def flag_rates(model_dir: Path, problems) -> dict:
     return {k: round(v / len(problems), 4) for k, v in sums.items()}
 
 
+def next_step_after_mistake(model_dir: Path, problems) -> tuple[int, int]:
+    """(next step computed right from a planted wrong first result, cases): is the advice sound off the path?"""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts, wanted = [], []
+    for i, p in enumerate(p for p in problems if p.split != "ops-2"):
+        first, second = p.solutions["A"].split("\n")[:2]
+        lhs, right = first.split("=")
+        wrong = int(right) + (1, -1, 10, -10)[i % 4]
+        op, rhs = re.match(r"\d+([+*-])(\d+)", second).groups()
+        if 0 <= wrong <= 99:
+            prompt = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+            texts.append(f"{prompt}{lhs}={wrong}\n")
+            wanted.append(f"{wrong}{op}{rhs}={eval(f'{wrong}{op}{rhs}')}\n")
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    done = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(d.startswith(w) for d, w in zip(done, wanted)), len(wanted)
+
+
 class TimeLimit(TrainerCallback):
     def __init__(self, seconds: float):
         self.seconds, self.start = seconds, None
@@ -115,6 +140,11 @@ def main() -> None:
         nll = {style: round(style_nll(paths[stage], held_out, style), 4) for style in "AB"}
         report[f"{stage}/nll"] = nll
         print(stage, "per-token NLL of style A vs B solutions:", nll, flush=True)
+
+    for stage in ("teacher-a", "sft-student"):
+        right, cases = next_step_after_mistake(paths[stage], eval_problems("micro-math", 100))
+        report[f"{stage}/after_mistake"] = {"next_step_right": right, "cases": cases}
+        print(stage, f"after a planted wrong first result, next step right: {right} of {cases}", flush=True)
 
     if cfg.world.corrections:
         math_held_out = eval_problems("micro-math", 100)
