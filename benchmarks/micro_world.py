@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from opd_bench.config import Training, load_config
 from opd_bench.evaluation import evaluate
-from opd_bench.generation import SamplingParams, generate
+from opd_bench.generation import SamplingParams, chat_prompt, generate
 from opd_bench.micro.problems import eval_problems
 from opd_bench.micro.world import stage_paths, training_mix
 from opd_bench.registry import TASKS
@@ -53,6 +53,12 @@ def style_nll(model_dir: Path, problems, style: str) -> float:
     return total / count
 
 
+def _planted_mistake(problem, i: int) -> tuple[str, int, int]:
+    """(`a op b` of the first step, its right result, a wrong one: off by 1 or 10, cycling with i)."""
+    lhs, right = problem.solutions["A"].split("\n")[0].split("=")
+    return lhs, int(right), int(right) + (1, -1, 10, -10)[i % 4]
+
+
 def flag_rates(model_dir: Path, problems) -> dict:
     """Mean probability of `!` right after the first step's result, when that result is wrong vs right."""
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -60,13 +66,10 @@ def flag_rates(model_dir: Path, problems) -> dict:
     flag = tok.convert_tokens_to_ids("!")
     sums = {"after_wrong": 0.0, "after_right": 0.0}
     for i, p in enumerate(problems):
-        step = p.solutions["A"].split("\n")[0]  # `a op b=c`
-        lhs, right = step.split("=")
-        wrong = (int(right) + (1, -1, 10, -10)[i % 4]) % 100
-        for key, value in (("after_wrong", wrong), ("after_right", int(right))):
-            text = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
-                                           tokenize=False) + f"{lhs}={value}"
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        lhs, right, wrong = _planted_mistake(p, i)
+        prompt = chat_prompt(tok, p.prompt)
+        for key, value in (("after_wrong", wrong % 100), ("after_right", right)):
+            ids = tok(f"{prompt}{lhs}={value}", add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 sums[key] += torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[flag].item()
     return {k: round(v / len(problems), 4) for k, v in sums.items()}
@@ -79,20 +82,33 @@ def next_step_after_mistake(model_dir: Path, problems) -> tuple[int, int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     texts, wanted = [], []
     for i, p in enumerate(p for p in problems if p.split != "ops-2"):
-        first, second = p.solutions["A"].split("\n")[:2]
-        lhs, right = first.split("=")
-        wrong = int(right) + (1, -1, 10, -10)[i % 4]
-        op, rhs = re.match(r"\d+([+*-])(\d+)", second).groups()
+        lhs, _, wrong = _planted_mistake(p, i)
+        op, rhs = re.match(r"\d+([+*-])(\d+)", p.solutions["A"].split("\n")[1]).groups()
         if 0 <= wrong <= 99:
-            prompt = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-            texts.append(f"{prompt}{lhs}={wrong}\n")
+            texts.append(f"{chat_prompt(tok, p.prompt)}{lhs}={wrong}\n")
             wanted.append(f"{wrong}{op}{rhs}={eval(f'{wrong}{op}{rhs}')}\n")
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
     done = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(d.startswith(w) for d, w in zip(done, wanted)), len(wanted)
+
+
+def teacher_samples(teacher_dir: Path, problems, cfg, seed: int, desc: str = "teacher samples") -> list[str]:
+    """The teacher's completions at the world's SFT-data temperature and length."""
+    w = cfg.world
+    params = SamplingParams(temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=seed)
+    return [s[0].text for s in generate(teacher_dir, [p.prompt for p in problems], params,
+                                        batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, desc=desc)]
+
+
+def more_sft(model, tok, problems, completions: list[str], cfg, lr: float, minutes: float, work: Path) -> int:
+    """Continue the student's SFT for `minutes` at a constant lr (the convergence check); returns the steps."""
+    training = Training(steps=10**6, batch_size=cfg.world.student_training.batch_size, lr=lr, warmup_steps=0,
+                        examples=1)
+    data = tokenize_pairs(tok, [p.prompt for p in problems], completions)
+    return train_sft(model, tok, data, training, work, seed=cfg.seed, lr_scheduler="constant",
+                     callbacks=[TimeLimit(minutes * 60)])["steps"]
 
 
 class TimeLimit(TrainerCallback):
@@ -141,13 +157,13 @@ def main() -> None:
         report[f"{stage}/nll"] = nll
         print(stage, "per-token NLL of style A vs B solutions:", nll, flush=True)
 
+    math_held_out = eval_problems("micro-math", 100)
     for stage in ("teacher-a", "sft-student"):
-        right, cases = next_step_after_mistake(paths[stage], eval_problems("micro-math", 100))
+        right, cases = next_step_after_mistake(paths[stage], math_held_out)
         report[f"{stage}/after_mistake"] = {"next_step_right": right, "cases": cases}
         print(stage, f"after a planted wrong first result, next step right: {right} of {cases}", flush=True)
 
     if cfg.world.corrections:
-        math_held_out = eval_problems("micro-math", 100)
         built = [stage for stage in ("teacher-a", "sft-student") if (paths[stage] / "config.json").exists()]
         for model_dir in built + list(filter(None, args.flag_models.split(","))):
             rates = flag_rates(paths.get(model_dir, Path(model_dir)), math_held_out)
@@ -160,23 +176,18 @@ def main() -> None:
     # Convergence: more SFT on fresh teacher-A samples (prompts the student has never seen).
     w = cfg.world
     problems = training_mix(w.sft_prompts, w.math_fraction, f"convergence-check-{cfg.seed}")
-    samples = generate(paths["teacher-a"], [p.prompt for p in problems],
-                       SamplingParams(temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=99),
-                       batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, desc="fresh teacher-A samples")
+    samples = teacher_samples(paths["teacher-a"], problems, cfg, 99, desc="fresh teacher-A samples")
     work = Path(tempfile.mkdtemp(prefix="converge-"))
     shutil.copytree(paths["sft-student"], work / "model", ignore=shutil.ignore_patterns("eval"))
     tok = AutoTokenizer.from_pretrained(work / "model")
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     lr = args.lr or w.student_training.lr / 10
-    training = Training(steps=10**6, batch_size=w.student_training.batch_size, lr=lr, warmup_steps=0, examples=1)
-    data = tokenize_pairs(tok, [p.prompt for p in problems], [s[0].text for s in samples])
-    stats = train_sft(model, tok, data, training, work, seed=cfg.seed, lr_scheduler="constant",
-                      callbacks=[TimeLimit(args.minutes * 60)])
+    steps = more_sft(model, tok, problems, samples, cfg, lr, args.minutes, work)
     model.save_pretrained(work / "model")
     card = TASKS.get("micro-math")
     before = evaluate(paths["sft-student"], card, work / "before", workers=cfg.eval.workers)["avg@k"]
     after = evaluate(work / "model", card, work / "after", workers=cfg.eval.workers)["avg@k"]
-    report["convergence"] = {"minutes": args.minutes, "lr": lr, "steps": stats["steps"],
+    report["convergence"] = {"minutes": args.minutes, "lr": lr, "steps": steps,
                              "micro_math_before": before, "micro_math_after": after,
                              "gain_points": round(100 * (after - before), 2)}
     print("convergence:", json.dumps(report["convergence"]), flush=True)

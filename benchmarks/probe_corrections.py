@@ -32,11 +32,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from micro_world import TimeLimit, flag_rates  # noqa: E402
+from micro_world import flag_rates, more_sft, teacher_samples  # noqa: E402
 from probe_plain_opd import accuracy, sampled_opd, token_logps  # noqa: E402
 
 from opd_bench.config import Training, load_config  # noqa: E402
-from opd_bench.generation import SamplingParams, generate  # noqa: E402
 from opd_bench.ledger import StageCost  # noqa: E402
 from opd_bench.micro.problems import eval_problems, train_problems, with_corrections  # noqa: E402
 from opd_bench.micro.world import _train_from_scratch, stage_paths, training_mix  # noqa: E402
@@ -63,13 +62,6 @@ def continue_teacher(out: Path, steps: int, rate: float) -> Path:
     shutil.rmtree(out / "teacher", ignore_errors=True)
     (out / "teacher-partial").rename(out / "teacher")
     return out / "teacher"
-
-
-def teacher_samples(teacher: Path, problems, cfg, seed: int) -> list[str]:
-    w = cfg.world
-    params = SamplingParams(temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=seed)
-    return [s[0].text for s in generate(teacher, [p.prompt for p in problems], params, batch_size=cfg.eval.batch_size,
-                                        workers=cfg.eval.workers, desc="teacher samples")]
 
 
 def build_student(out: Path, teacher: Path, cfg, tokenizer: Path) -> Path:
@@ -119,11 +111,8 @@ def main():
     else:  # more SFT on fresh teacher samples, constant lr = the student's peak / 10
         w = cfg.world
         fresh = training_mix(w.sft_prompts, w.math_fraction, f"convergence-check-{cfg.seed}")
-        data = tokenize_pairs(tok, [p.prompt for p in fresh], teacher_samples(args.teacher, fresh, cfg, 99))
-        training = Training(steps=10**6, batch_size=w.student_training.batch_size, lr=w.student_training.lr / 10,
-                            warmup_steps=0, examples=1)
-        step = train_sft(student, tok, data, training, work, seed=0, lr_scheduler="constant",
-                         callbacks=[TimeLimit(args.minutes * 60)])["steps"]
+        step = more_sft(student, tok, fresh, teacher_samples(args.teacher, fresh, cfg, 99), cfg,
+                        w.student_training.lr / 10, args.minutes, work)
     student.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     print(f"after {args.arm}, {step} steps: acc", accuracy(student, tok, problems, 96), "flags",
