@@ -132,6 +132,9 @@ class Train(Section):
     max_new_tokens: int = Field(128, ge=1, description="completion length limit")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the student's rollouts")
     prompts: int = Field(20000, ge=1, description="training prompts (online methods cycle through them)")
+    math_fraction: float | None = Field(None, ge=0, le=1, description="micro: share of micro-math among the "
+                                        "training, rollout and sft-continue prompts (None: world.math_fraction, "
+                                        "the mix the teachers and pi_sft learned)")
     rollout_prompts: int = Field(2048, ge=1, description="offline: prompts pi_sft answers (x K rollouts)")
     max_passes: float = Field(2.0, gt=0, description="offline: stop after this many passes over the "
                               "rollouts (a probe that reused rollouts ~12 times memorised them)")

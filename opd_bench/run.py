@@ -59,7 +59,8 @@ def training_prompts(cfg: RunConfig, n: int, tag: str) -> list[tuple[str, str]]:
     if cfg.world.kind == "micro":
         from opd_bench.micro.world import training_mix
 
-        return [(p.id, p.prompt) for p in training_mix(n, cfg.world.math_fraction, tag)]
+        share = cfg.world.math_fraction if cfg.train.math_fraction is None else cfg.train.math_fraction
+        return [(p.id, p.prompt) for p in training_mix(n, share, tag)]
     from opd_bench.hf_world import load_prompts
 
     return load_prompts(cfg.world.hf, n, tag)

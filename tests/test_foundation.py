@@ -24,6 +24,18 @@ def test_preset_and_overrides_are_typed():
     assert cfg.world.kind == "micro"  # inherited through `extends: micro`
 
 
+def test_training_prompt_mix_defaults_to_the_worlds_and_can_be_overridden():
+    from opd_bench.run import training_prompts
+
+    def math_share(overrides):
+        prompts = training_prompts(load_config("smoke", overrides), 200, "mix")
+        return sum(pid.startswith("math-") for pid, _ in prompts) / len(prompts)
+
+    assert math_share(["world.math_fraction=0.25"]) == 0.25  # the mix pi_sft learned
+    assert math_share(["world.math_fraction=0.25", "train.math_fraction=1"]) == 1.0
+    assert math_share(["train.math_fraction=0"]) == 0.0
+
+
 @pytest.mark.parametrize("preset, overrides, message", [
     ("smok", [], "did you mean 'smoke'"),
     ("micro", ["world.sft_prompt=3"], "did you mean 'sft_prompts'"),
