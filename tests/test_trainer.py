@@ -113,6 +113,32 @@ def test_gradient_accumulation_is_exact(smoke):
     _close(parts[0][1] + parts[1][1], grad_all, 1e-10)
 
 
+def test_full_kl_arm_is_the_exact_per_state_reverse_kl(smoke):
+    """TRL's loss (the full-kl reference arm) = sum_t sum_v pS (log pS - log pT) / completion tokens, written
+    out densely here in float64 from the two models' logits on the same batch: value and gradient."""
+    trainer, _ = _trainer(smoke, "full-kl")
+    torch.manual_seed(4)
+    batch = trainer._generate_and_score_completions([{"prompt": r["prompt"]} for r in trainer.train_dataset.select(range(8))])
+    trainer.model.train()  # TRL normalizes by the global token count in training mode
+    loss, grad = _loss_and_grad(trainer, batch)
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    n, mask = batch["completion_ids"].shape[1], batch["completion_mask"].bool()
+    student = torch.log_softmax(trainer.model(input_ids=ids, attention_mask=attention).logits[:, -n - 1:-1], -1)
+    with torch.no_grad():
+        teacher = torch.log_softmax(trainer.teacher_model(input_ids=ids, attention_mask=attention).logits[:, -n - 1:-1], -1)
+    assert student.dtype == teacher.dtype == torch.float64
+    reverse_kl = ((student.exp() * (student - teacher)).sum(-1) * mask).sum() / mask.sum()
+    trainer.model.zero_grad()
+    reverse_kl.backward()
+    dense_grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    _close(loss, reverse_kl.detach(), 1e-6)  # TRL's JSD path computes part of it in float32
+    _close(grad, dense_grad, 1e-6)
+    forward_kl = ((teacher.exp() * (teacher - student)).sum(-1) * mask).sum() / mask.sum()
+    assert abs(float(forward_kl - reverse_kl)) > 1e-3  # the direction of the KL is pinned too
+
+
 @pytest.mark.parametrize("method, overrides", [
     ("vopd", []), ("vopd", ["method.top_k=5"]), ("tip", ["method.tokens=soft-or"]), ("tip", ["method.tokens=q3"]),
     ("exopd", []),
