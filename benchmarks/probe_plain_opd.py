@@ -56,6 +56,14 @@ def token_logps(model, out, prompt_mask, comp, mask):
     return all_logps(model, out, prompt_mask, comp, mask).gather(-1, comp[..., None])[..., 0]
 
 
+def scored_batch(student, tok, teacher_all, prompts, temperature: float = 1.0, max_new: int = 64):
+    """The student's samples at `temperature` and the teacher's log-probs over the vocabulary at every state:
+    (out, prompt_mask, comp, mask, teacher log-probs)."""
+    out, prompt_mask, comp, mask = sample(student, tok, prompts, False, max_new, temperature)
+    with torch.no_grad():
+        return out, prompt_mask, comp, mask, teacher_all(out, prompt_mask, comp, mask)
+
+
 def accuracy(model, tok, problems, max_new=64, temperature: float = 0.0, k: int = 1):
     """Greedy accuracy (temperature 0), or avg@k of samples at `temperature`; overall and per split."""
     model.eval()
@@ -82,13 +90,17 @@ def reverse_kl(student, teacher_logps, tok, prompts, max_new=64):
     return float(((ls - lt) * mask).sum() / mask.sum())
 
 
+def sampled_token_loss(lt, ls, mask) -> torch.Tensor:
+    """-sg(log pT - log pS) * log pS per trained token, from the sampled tokens' log-probs."""
+    return -((lt - ls).detach() * ls * mask).sum() / mask.sum()
+
+
 def opd_loss(kind: str, ls_all, lt_all, comp, mask) -> torch.Tensor:
     """The batch loss per token, from student / teacher log-probs over the vocabulary: the sampled-token
-    policy gradient -sg(log pT - log pS) * log pS ("sampled"), or the exact per-state reverse KL ("full")."""
+    policy gradient ("sampled"), or the exact per-state reverse KL ("full")."""
     if kind == "full":
         return ((ls_all.exp() * (ls_all - lt_all)).sum(-1) * mask).sum() / mask.sum()
-    lt, ls = (x.gather(-1, comp[..., None])[..., 0] for x in (lt_all, ls_all))
-    return -((lt - ls).detach() * ls * mask).sum() / mask.sum()
+    return sampled_token_loss(*(x.gather(-1, comp[..., None])[..., 0] for x in (lt_all, ls_all)), mask)
 
 
 def exact_reverse_kl(student, teacher_all, tok, prompts, temperature: float = 1.0, max_new=64) -> float:
@@ -96,9 +108,8 @@ def exact_reverse_kl(student, teacher_all, tok, prompts, temperature: float = 1.
     (the student's distribution is its logits / temperature); teacher_all returns full log-probs."""
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
-        out, pm, comp, mask = sample(student, tok, prompts, False, max_new, temperature)
-        ls, lt = all_logps(student, out, pm, comp, mask, temperature), teacher_all(out, pm, comp, mask)
-        return float(((ls.exp() * (ls - lt)).sum(-1) * mask).sum() / mask.sum())
+        out, pm, comp, mask, lt = scored_batch(student, tok, teacher_all, prompts, temperature, max_new)
+        return float(opd_loss("full", all_logps(student, out, pm, comp, mask, temperature), lt, comp, mask))
 
 
 def advantage_tails(student, teacher_all, tok, prompts, cut: float = -3.0) -> str:
@@ -106,9 +117,8 @@ def advantage_tails(student, teacher_all, tok, prompts, cut: float = -3.0) -> st
     with A < cut and their share of sum A^2 (what sets the estimator's variance)."""
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
-        out, pm, comp, mask = sample(student, tok, prompts, False, 64)
-        a = (teacher_all(out, pm, comp, mask) - all_logps(student, out, pm, comp, mask)).gather(
-            -1, comp[..., None])[..., 0][mask]
+        out, pm, comp, mask, lt = scored_batch(student, tok, teacher_all, prompts)
+        a = (lt - all_logps(student, out, pm, comp, mask)).gather(-1, comp[..., None])[..., 0][mask]
     tail = a < cut
     return (f"{int(mask.sum())} sampled tokens: {100 * float(tail.float().mean()):.1f}% have A < {cut:g} and carry "
             f"{100 * float((a[tail] ** 2).sum() / (a ** 2).sum()):.1f}% of sum A^2 (A quantiles 1% / 50% / 99%: "
@@ -121,9 +131,7 @@ def gradient_agreement(student, teacher_all, tok, prompts: list[str], batch: int
     rng = random.Random(1)
 
     def grad(loss_kind: str, n: int) -> torch.Tensor:
-        out, pm, comp, mask = sample(student, tok, rng.sample(prompts, n), False, 64)
-        with torch.no_grad():
-            lt_all = teacher_all(out, pm, comp, mask)
+        out, pm, comp, mask, lt_all = scored_batch(student, tok, teacher_all, rng.sample(prompts, n))
         loss = opd_loss(loss_kind, all_logps(student, out, pm, comp, mask), lt_all, comp, mask)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(student.parameters()))])
 
@@ -147,8 +155,7 @@ def sampled_opd(student, tok, teacher_logps, prompts: list[str], minutes: float,
         out, prompt_mask, comp, mask = sample(student, tok, rng.sample(prompts, batch), False, max_new)
         with torch.no_grad():
             lt = teacher_logps(out, prompt_mask, comp, mask)
-        ls = token_logps(student, out, prompt_mask, comp, mask)
-        loss = -((lt - ls).detach() * ls * mask).sum() / mask.sum()
+        loss = sampled_token_loss(lt, token_logps(student, out, prompt_mask, comp, mask), mask)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -215,9 +222,7 @@ def main():
     rng, start, step = random.Random(0), time.time(), 0
     pool = []
     for _ in range(args.offline // args.batch):  # fixed rollouts of pi_sft, scored once
-        batch = sample(student, tok, rng.sample(train, args.batch), False, 64)
-        with torch.no_grad():
-            pool.append((*batch, teacher_all(*batch)))
+        pool.append(scored_batch(student, tok, teacher_all, rng.sample(train, args.batch)))
     max_steps = int(args.passes * len(pool)) if pool else 10**9
     while time.time() - start < args.minutes * 60 and step < max_steps:
         if pool:
@@ -225,9 +230,7 @@ def main():
                 rng.shuffle(pool)
             out, pm, comp, mask, lt_all = pool[step % len(pool)]
         else:
-            out, pm, comp, mask = sample(student, tok, rng.sample(train, args.batch), False, 64)
-            with torch.no_grad():
-                lt_all = teacher_all(out, pm, comp, mask)
+            out, pm, comp, mask, lt_all = scored_batch(student, tok, teacher_all, rng.sample(train, args.batch))
         ls_all = all_logps(student, out, pm, comp, mask)
         loss = opd_loss(args.loss, ls_all, lt_all, comp, mask)
         opt.zero_grad()
