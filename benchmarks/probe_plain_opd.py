@@ -56,12 +56,13 @@ def token_logps(model, out, prompt_mask, comp, mask):
     return all_logps(model, out, prompt_mask, comp, mask).gather(-1, comp[..., None])[..., 0]
 
 
-def scored_batch(student, tok, teacher_all, prompts, temperature: float = 1.0, max_new: int = 64):
-    """The student's samples at `temperature` and the teacher's log-probs over the vocabulary at every state:
-    (out, prompt_mask, comp, mask, teacher log-probs)."""
+def scored_batch(student, tok, teacher, prompts, temperature: float = 1.0, max_new: int = 64):
+    """The student's samples at `temperature` and the teacher's scores of them, without gradient:
+    (out, prompt_mask, comp, mask, teacher(out, prompt_mask, comp, mask)). The teacher scorer returns
+    log-probs over the vocabulary (teacher_all) or of the sampled tokens only (teacher_logps)."""
     out, prompt_mask, comp, mask = sample(student, tok, prompts, False, max_new, temperature)
     with torch.no_grad():
-        return out, prompt_mask, comp, mask, teacher_all(out, prompt_mask, comp, mask)
+        return out, prompt_mask, comp, mask, teacher(out, prompt_mask, comp, mask)
 
 
 def accuracy(model, tok, problems, max_new=64, temperature: float = 0.0, k: int = 1):
@@ -84,9 +85,9 @@ def accuracy(model, tok, problems, max_new=64, temperature: float = 0.0, k: int 
 def reverse_kl(student, teacher_logps, tok, prompts, max_new=64):
     """Sampled per-token reverse KL on `prompts`; teacher_logps(out, prompt_mask, comp, mask) scores the tokens."""
     torch.manual_seed(0)
-    out, pm, comp, mask = sample(student, tok, prompts, False, max_new)
+    out, pm, comp, mask, lt = scored_batch(student, tok, teacher_logps, prompts, max_new=max_new)
     with torch.no_grad():
-        ls, lt = token_logps(student, out, pm, comp, mask), teacher_logps(out, pm, comp, mask)
+        ls = token_logps(student, out, pm, comp, mask)
     return float(((ls - lt) * mask).sum() / mask.sum())
 
 
@@ -152,9 +153,8 @@ def sampled_opd(student, tok, teacher_logps, prompts: list[str], minutes: float,
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     rng, start, step = random.Random(0), time.time(), 0
     while time.time() - start < minutes * 60:
-        out, prompt_mask, comp, mask = sample(student, tok, rng.sample(prompts, batch), False, max_new)
-        with torch.no_grad():
-            lt = teacher_logps(out, prompt_mask, comp, mask)
+        out, prompt_mask, comp, mask, lt = scored_batch(student, tok, teacher_logps, rng.sample(prompts, batch),
+                                                        max_new=max_new)
         loss = sampled_token_loss(lt, token_logps(student, out, prompt_mask, comp, mask), mask)
         opt.zero_grad()
         loss.backward()
