@@ -8,8 +8,7 @@
   5. with world.corrections > 0: how often each model flags a step as wrong (`!`) after a wrong
      result and after a right one (--flag-models adds trained students, e.g. runs/<id>/model).
 
-Usage: python benchmarks/micro_world.py [--preset micro] [--set key=value] [--minutes 5] [--lr 3e-4]
-       [--skip-eval] [--skip-nll] [--eval-stages sft-student]
+Usage: python probes/micro_world.py [--preset micro] [--set key=value] [--minutes 5] [--skip-eval] (--help: all)
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from opd_bench.config import Training, load_config
 from opd_bench.evaluation import evaluate
 from opd_bench.generation import SamplingParams, chat_prompt, generate
+from opd_bench.micro.models import new_model
 from opd_bench.micro.problems import eval_problems
 from opd_bench.micro.world import stage_paths, training_mix
 from opd_bench.registry import TASKS
@@ -92,6 +92,19 @@ def next_step_after_mistake(model_dir: Path, problems) -> tuple[int, int]:
         out = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
     done = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(d.startswith(w) for d, w in zip(done, wanted)), len(wanted)
+
+
+def train_from_scratch(folder: Path, tokenizer_dir: Path, arch, training: Training, prompts: list[str],
+                       completions: list[str], seed: int) -> dict:
+    """A new model of `arch` SFT'd on the pairs and saved in `folder`, as the micro world builds its stages
+    (the probes' copy of opd_bench.micro.world's private builder, without the stage's cost accounting)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = new_model(tokenizer, seed, **arch.model_dump())
+    stats = train_sft(model, tokenizer, tokenize_pairs(tokenizer, prompts, completions), training, folder, seed=seed)
+    shutil.rmtree(folder / "trainer", ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return stats
 
 
 def teacher_samples(teacher_dir: Path, problems, cfg, seed: int, desc: str = "teacher samples") -> list[str]:

@@ -14,10 +14,10 @@ to flag (P(`!`) 0.18 after a wrong step, 0.19 after a right one); then SFT data 
 world's prompts and temperature), the preset's student trained on it exactly like pi_sft, then, for
 --minutes each (one arm per call, two calls side by side on two cores):
   opd:  sampled-token OPD against --teacher, plain PyTorch (probe_plain_opd.py's loop);
-  sft:  more SFT on fresh teacher samples (benchmarks/micro_world.py's convergence check).
+  sft:  more SFT on fresh teacher samples (probes/micro_world.py's convergence check).
 Prints greedy micro-math accuracy and P(`!`) after a wrong / a right first step, before and after.
 
-Usage: python benchmarks/probe_corrections.py --out /tmp/corr [--arm opd|sft] [--minutes 5] [--teacher DIR]
+Usage: python probes/probe_corrections.py --out /tmp/corr [--arm opd|sft] [--minutes 5] [--teacher DIR]
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from micro_world import flag_rates, more_sft, teacher_samples  # noqa: E402
+from micro_world import flag_rates, more_sft, teacher_samples, train_from_scratch  # noqa: E402
 from probe_plain_opd import accuracy, sampled_opd, token_logps  # noqa: E402
 
 from opd_bench.config import Training, load_config  # noqa: E402
-from opd_bench.ledger import StageCost  # noqa: E402
 from opd_bench.micro.problems import eval_problems, train_problems, with_corrections  # noqa: E402
-from opd_bench.micro.world import _train_from_scratch, stage_paths, training_mix  # noqa: E402
+from opd_bench.micro.world import stage_paths, training_mix  # noqa: E402
 from opd_bench.sft import tokenize_pairs, train_sft  # noqa: E402
 
 
@@ -72,8 +71,8 @@ def build_student(out: Path, teacher: Path, cfg, tokenizer: Path) -> Path:
     completions = teacher_samples(teacher, problems, cfg, cfg.seed)
     print("corrections in the SFT data:", sum("!" in c for c in completions), "of", len(completions), flush=True)
     (out / "student").mkdir(parents=True, exist_ok=True)
-    _train_from_scratch(out / "student", StageCost("corrections-student"), tokenizer, w.student, w.student_training,
-                        [p.prompt for p in problems], completions, cfg.seed, 1)
+    train_from_scratch(out / "student", tokenizer, w.student, w.student_training, [p.prompt for p in problems],
+                       completions, cfg.seed)
     return out / "student"
 
 

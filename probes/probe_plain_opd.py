@@ -9,8 +9,7 @@ Prints micro-math accuracy (exact match of the boxed answer; greedy, and avg@k s
 --tails prints which sampled tokens carry the sampled-token estimator's variance, and the accuracy and
 reverse KL of the student sampled at lower temperatures (what reverse KL's mode-seeking can buy).
 
-Usage: python benchmarks/probe_plain_opd.py [--student DIR] [--teacher DIR] [--minutes 3] [--lr 1e-4]
-       [--loss sampled|full] [--eval-temperature 0.6 --eval-k 4] [--save DIR] [--tails]
+Usage: python probes/probe_plain_opd.py [--loss sampled|full] [--minutes 3] [--lr 1e-4] [--tails] (--help: all)
 """
 
 from __future__ import annotations

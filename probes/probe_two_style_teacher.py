@@ -9,7 +9,7 @@ sequence-level mixture 0.5 teacher A + 0.5 teacher B of the micro world:
 2. Sampled-token OPD against the mixture teacher, plain PyTorch (as in probe_plain_opd.py).
 Prints greedy micro-math accuracy, the share of style-B answers and the held-out sampled reverse KL.
 
-Usage: python benchmarks/probe_two_style_teacher.py --out /tmp/two-style [--minutes 4] [--lr 3e-4]
+Usage: python probes/probe_two_style_teacher.py --out /tmp/two-style [--minutes 4] [--lr 3e-4]
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from micro_world import train_from_scratch  # noqa: E402
 from probe_plain_opd import accuracy, all_logps, reverse_kl, sample, sampled_opd  # noqa: E402
 
 from opd_bench.config import load_config  # noqa: E402
 from opd_bench.micro.problems import eval_problems, train_problems  # noqa: E402
-from opd_bench.micro.world import _train_from_scratch, load_sft_data, stage_paths  # noqa: E402
+from opd_bench.micro.world import load_sft_data, stage_paths  # noqa: E402
 
 
 def build_student(out: Path, cfg, paths) -> Path:
     from opd_bench.generation import SamplingParams, generate
-    from opd_bench.ledger import StageCost
 
     if (out / "student" / "config.json").exists():
         return out / "student"
@@ -45,8 +45,8 @@ def build_student(out: Path, cfg, paths) -> Path:
     for i, s in zip(odd, samples):
         completions[i] = s[0].text
     (out / "student").mkdir(parents=True, exist_ok=True)
-    _train_from_scratch(out / "student", StageCost("two-style-student"), paths["tokenizer"], w.student,
-                        w.student_training, prompts, completions, cfg.seed, 1)
+    train_from_scratch(out / "student", paths["tokenizer"], w.student, w.student_training, prompts, completions,
+                       cfg.seed)
     return out / "student"
 
 
