@@ -142,7 +142,7 @@ def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (s
     from opd_bench.resume import Interrupted
     from opd_bench.run import run as run_method
 
-    cfg = _config(preset, list(set_ or []) + [f"method.name={method}"], seed)
+    cfg = _config(preset, list(set_ or []), seed)
     try:
         m = run_method(cfg, method, budget, command=" ".join(["opd-bench", *sys.argv[1:]]), run_id=run_id,
                        resume=resume)
@@ -289,11 +289,20 @@ def _short(cell: str) -> str:
 
 
 @app.command("list")
-def list_(config: bool = typer.Option(False, "--config", help="also list every config key with its default")):
-    """List methods, tasks and presets."""
+def list_(config: bool = typer.Option(False, "--config", help="also list every config key with its default"),
+          params: bool = typer.Option(False, "--params", help="also list each method's parameters")):
+    """List methods (with their paper and rule), tasks and presets."""
+    from opd_bench.methods.base import get
     from opd_bench.registry import METHODS, TASKS
 
-    console.print("[b]methods[/b]: " + (", ".join(METHODS.names()) or "(none yet)"))
+    console.print("[b]methods[/b]:" + ("" if METHODS.names() else " (none yet)"))
+    for name in METHODS.names():
+        method = get(name)
+        console.print(f"  {name:<22} {method.rule}  [dim]({method.paper})[/dim]")
+        if params:
+            for key, info in method.Params.model_fields.items():
+                default = json.dumps(method.Params().model_dump(mode="json")[key])
+                console.print(f"      method.params.{key} = {default}  [dim]{info.description or ''}[/dim]")
     console.print("[b]tasks[/b]:")
     for name in TASKS.names():
         card = TASKS.get(name)

@@ -94,32 +94,13 @@ class Eval(Section):
                                "evaluated during training (their cost is recorded, not charged)")
 
 
-class MethodAxes(Section):
-    """A method's choice on each axis of DESIGN.md. A method plugin names its own choices; any key set
-    here (preset or `--set method.KEY=VALUE`) overrides the method's choice."""
+class MethodChoice(Section):
+    """The method (`--method NAME`) and its own parameters (`--set method.params.NAME=VALUE`), which the
+    method's file declares and validates (`opd-bench list --params` shows them)."""
 
-    name: str = Field("standard-opd", description="the method plugin (opd-bench run --method NAME)")
-    rollouts: Literal["online", "offline"] = Field("online", description="student samples every step / "
-                                                   "fixed pi_sft rollouts scored once by the teacher")
-    teacher: Literal["consistent", "inconsistent"] = Field("consistent", description="teacher A (wrote the SFT "
-                                                           "data) or teacher B")
-    reward: Literal["opd", "exopd"] = Field("opd", description="opd: r_t = log pT - log pS; exopd: "
-                                            "lam*(log pT - log pref) - (log pS - log pref)")
-    lam: float = Field(1.0, description="ExOPD's lambda (1 = standard OPD)")
-    reference: str = Field("pi_sft", description="ExOPD's pref: pi_sft or a model id/path")
-    reward_to_go: bool = Field(False, description="G_t = sum_{t'>=t} r_t' (exact sequence-KL gradient) "
-                               "instead of the papers' per-token r_t")
-    baseline: Literal["none", "vopd"] = Field("none", description="vopd: A_t = r_t + KL(pS||pT)(s_t)")
-    top_k: int | None = Field(None, ge=1, description="vOPD baseline over the student's top-k (None: full vocab)")
-    tokens: Literal["all", "entropy", "soft-or", "q3"] = Field("all", description="TIP token selection rule")
-    fraction: float = Field(0.5, gt=0, le=1, description="TIP: fraction of tokens kept (entropy, soft-or)")
-    loss: Literal["pg", "full-kl", "sft"] = Field("pg", description="sampled-token policy gradient / TRL's "
-                                                  "full-vocab divergence / more SFT (the control)")
-    beta: float = Field(1.0, ge=0, le=1, description="full-kl: TRL's generalized JSD beta (1 = reverse KL)")
-    clip_eps: float | None = Field(None, gt=0, description="PPO-clip epsilon of the IS ratio (None: no clip)")
-    ratio: Literal["current", "sampler"] = Field("current", description="IS ratio pS_theta / q: q = the current "
-                                                 "model (ratio 1, as the papers) or the sampler (offline: pi_sft; "
-                                                 "with clip_eps, a trust region against drift from the rollouts)")
+    name: str = Field("", description="the method (opd-bench run --method NAME; `opd-bench list` shows them)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (its defaults "
+                                   "unless set here); validated by the method when the run is resolved")
 
 
 class Train(Section):
@@ -133,13 +114,13 @@ class Train(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the student's rollouts")
     prompts: int = Field(20000, ge=1, description="training prompts (online methods cycle through them)")
     math_fraction: float | None = Field(None, ge=0, le=1, description="micro: share of micro-math among the "
-                                        "training, rollout and sft-continue prompts (None: world.math_fraction, "
+                                        "training, rollout and continued-SFT prompts (None: world.math_fraction, "
                                         "the mix the teachers and pi_sft learned)")
     rollout_prompts: int = Field(2048, ge=1, description="offline: prompts pi_sft answers (x K rollouts)")
     max_passes: float = Field(2.0, gt=0, description="offline: stop after this many passes over the "
                               "rollouts (a probe that reused rollouts ~12 times memorised them)")
-    sft_prompts: int = Field(4000, ge=1, description="sft-continue: fresh prompts teacher A answers (its "
-                             "SFT then cycles through them until the budget is spent)")
+    sft_prompts: int = Field(4000, ge=1, description="methods that continue SFT: fresh prompts teacher A "
+                             "answers (its SFT then cycles through them until the budget is spent)")
     max_steps: int | None = Field(None, ge=1, description="optimizer-step cap (tests, benchmarks)")
     checkpoint_seconds: float = Field(600.0, ge=0, description="save a resumable checkpoint (weights, optimizer, "
                                       "RNG; only the newest is kept) every this many seconds of training; 0: "
@@ -161,7 +142,7 @@ class RunConfig(Section):
     leaderboard: str = Field("leaderboard.csv", description="the CSV every finished run appends a row to")
     budget: str | None = Field(None, description="default --budget: device time (30h, 90m, 45s) or 3e15flop")
     world: World = Field(default_factory=World)
-    method: MethodAxes = Field(default_factory=MethodAxes)
+    method: MethodChoice = Field(default_factory=MethodChoice)
     train: Train = Field(default_factory=Train)
     eval: Eval = Field(default_factory=Eval)
 
@@ -215,6 +196,9 @@ def _set_path(data: dict, dotted: str, value: Any, model: type[BaseModel]) -> No
             node[part] = value
             return
         annotation = fields[part].annotation
+        if getattr(annotation, "__origin__", None) is dict:  # free-form keys (method.params.*), checked later
+            node.setdefault(part, {})[".".join(parts[i + 1:])] = value
+            return
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             raise UserError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a section; "
                             f"use --set {'.'.join(parts[:i + 1])}=VALUE")

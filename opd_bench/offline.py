@@ -5,7 +5,7 @@ method that reads it:
   teacher-logps   a teacher scores those tokens once: only the sampled token's log-prob is stored
   ref-logps       the same for ExOPD's reference model, when an offline method needs it
   sampler-logps   the same for pi_sft itself (the IS ratio's denominator with method.ratio=sampler)
-  teacher-samples teacher A answers fresh prompts (the sft-continue control's extra SFT data)
+  teacher-samples teacher A answers fresh prompts (extra SFT data for a method that continues SFT)
 
 Data are `datasets` Arrow folders (`data/`); each stage's manifest names the models, the tokenizer
 fingerprint and a sha256 of the Arrow files, and `load_offline` checks all of them before training.
@@ -97,7 +97,7 @@ def build_rollouts(cfg: RunConfig, student: str | Path, tokenizer: str | Path,
 
 def build_teacher_samples(cfg: RunConfig, teacher: str | Path, tokenizer: str | Path,
                           prompts: list[Prompt]) -> tuple[Path, StageCost]:
-    """Teacher A answers fresh prompts at the SFT data's temperature (sft-continue's extra data)."""
+    """The teacher answers fresh prompts at the SFT data's temperature (extra SFT data)."""
     return _sample_stage(cfg, "teacher-samples", teacher, tokenizer, prompts, 1, cfg.world.sft_temperature)
 
 
@@ -120,8 +120,8 @@ def build_logps(cfg: RunConfig, rollouts: Path, model: str | Path, name: str = "
         import torch
         from datasets import Dataset, Features, Sequence, Value
 
-        from opd_bench.hf_world import load_model
-        from opd_bench.trainer import completion_logps, n_params
+        from opd_bench.logprobs import completion_logps, n_params
+        from opd_bench.models import load_model
         from trl.trainer.utils import pad
 
         if model_vocab_size(model) != manifest["vocab_size"]:
@@ -182,21 +182,18 @@ def check_tokenizers(tokenizer, student: str | Path, models: tuple = (), rollout
                         f"delete that stage folder or fix world.hf.tokenizer")
 
 
-def load_offline(rollouts: Path, teacher_logps: Path, ref_logps: Path | None = None,
-                 sampler_logps: Path | None = None):
-    """The training dataset: prompt ids, completion ids, teacher (reference, sampler) log-probs, checksums verified."""
+def load_offline(rollouts: Path, scored: dict[str, Path]):
+    """The training dataset: prompt ids, completion ids and each scored column (`teacher_logps`, `ref_logps`,
+    `sampler_logps` -> its stage folder), checksums verified."""
     data = load_samples(rollouts).select_columns(["problem_id", "prompt_ids", "completion_ids"])
     info = read_manifest(rollouts)["info"]
     if data_checksum(Path(rollouts) / "data") != info["checksum"]:
         raise UserError(f"{rollouts} changed since it was built (checksum mismatch); delete the folder to rebuild it")
-    for column, folder in (("teacher_logps", teacher_logps), ("ref_logps", ref_logps),
-                           ("sampler_logps", sampler_logps)):
-        if folder is None:
-            continue
-        scored = read_manifest(folder)["info"]
-        if scored["rollouts_checksum"] != info["checksum"] or scored["rows"] != len(data):
+    for column, folder in sorted(scored.items()):
+        manifest = read_manifest(folder)["info"]
+        if manifest["rollouts_checksum"] != info["checksum"] or manifest["rows"] != len(data):
             raise UserError(f"{folder} scored other rollouts than {rollouts}; delete it to rebuild")
-        if data_checksum(Path(folder) / "data") != scored["checksum"]:
+        if data_checksum(Path(folder) / "data") != manifest["checksum"]:
             raise UserError(f"{folder} changed since it was built (checksum mismatch); delete the folder")
         data = data.add_column(column, load_samples(folder)["logps"])
     return data

@@ -39,13 +39,15 @@ def _is_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def check_model_paths(cfg, ax) -> None:
-    """Local model folders named by a paper preset (or --set) must exist."""
+def check_model_paths(cfg, reference: str | None = None) -> None:
+    """Local model folders named by a paper preset (or --set), and a method's reference model, must exist."""
+    from opd_bench.methods.base import PI_SFT
+
     named = {f"world.hf.{k}": getattr(cfg.world.hf, k) for k in ("sft_student", "teacher", "teacher_b", "tokenizer")}
     if cfg.world.kind != "hf":
         named = {}
-    if ax.reference != "pi_sft":
-        named["method.reference"] = ax.reference
+    if reference not in (None, PI_SFT):
+        named["method.params.reference"] = reference
     for key, value in named.items():
         if value and _is_local(value) and not Path(value).expanduser().is_dir():
             raise UserError(f"{key}: no model folder {value}; fix the path (or give a Hugging Face id)")
@@ -53,7 +55,7 @@ def check_model_paths(cfg, ax) -> None:
 
 def load_checked_tokenizer(path: str):
     """The run's tokenizer; prompts are chat messages and completions must end, so both are required."""
-    from opd_bench.hf_world import load_tokenizer
+    from opd_bench.models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(path)

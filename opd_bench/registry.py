@@ -1,12 +1,12 @@
 """One generic registry for plugins: method plugins, task cards.
 
 Plugins come from three places, in this order (a later one may not silently replace an earlier one):
-  1. the repository's plugin folders `methods/*.py` and `tasks/*.yaml`;
+  1. the package's own `opd_bench/methods/*.py` and `opd_bench/tasks/*.yaml` (they ship in the wheel);
   2. extra folders listed in the environment variable OPD_BENCH_PLUGIN_PATH (os.pathsep-separated),
      each searched for `methods/*.py` and `tasks/*.yaml`, or holding such files directly;
   3. installed packages' entry points in the groups `opd_bench.methods` and `opd_bench.tasks`.
-A method file registers itself by calling `opd_bench.registry.METHODS.register(name, obj)` (or
-`@register_method`); a task card is a YAML file whose `name` is its key.
+A method file registers itself by calling `opd_bench.methods.base.register(method)`; a task card is a
+YAML file whose `name` is its key.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from opd_bench.errors import UserError, did_you_mean
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
 
 
 class Registry(Generic[T]):
@@ -57,15 +57,9 @@ METHODS: Registry = Registry("method")
 TASKS: Registry = Registry("task")
 
 
-def register_method(name: str) -> Callable[[T], T]:
-    def wrap(obj: T) -> T:
-        return METHODS.register(name, obj, origin=getattr(sys.modules.get(obj.__module__), "__file__", ""))
-    return wrap
-
-
 def plugin_folders() -> list[Path]:
-    extra = [Path(p) for p in os.environ.get("OPD_BENCH_PLUGIN_PATH", "").split(os.pathsep) if p]
-    return [REPO_ROOT] + extra
+    """Extra folders named by OPD_BENCH_PLUGIN_PATH (the built-in plugins are the package's own)."""
+    return [Path(p) for p in os.environ.get("OPD_BENCH_PLUGIN_PATH", "").split(os.pathsep) if p]
 
 
 _discovered: set[tuple[str, ...]] = set()
@@ -79,6 +73,12 @@ def discover() -> None:
     _discovered.add(key)
     from opd_bench.tasks import load_card  # the task-card schema lives with the tasks
 
+    for path in sorted((PACKAGE / "methods").glob("*.py")):
+        if not path.name.startswith("_"):
+            importlib.import_module(f"opd_bench.methods.{path.stem}")
+    for path in sorted((PACKAGE / "tasks").glob("*.yaml")):
+        card = load_card(path)
+        TASKS.register(card.name, card, origin=str(path))
     for folder in plugin_folders():
         for path in sorted(_glob(folder, "methods", "*.py")):
             _import_file(path)
@@ -98,8 +98,7 @@ def discover() -> None:
 def _glob(folder: Path, sub: str, pattern: str):
     inner = folder / sub
     paths = list(inner.glob(pattern)) if inner.is_dir() else []
-    if folder != REPO_ROOT:  # an extra folder may hold plugin files directly
-        paths += list(folder.glob(pattern))
+    paths += list(folder.glob(pattern))  # an extra folder may hold plugin files directly
     return [p for p in paths if not p.name.startswith("_")]
 
 

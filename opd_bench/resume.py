@@ -32,6 +32,7 @@ from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 
 from opd_bench.errors import UserError
+from opd_bench.jsonio import read_json
 from opd_bench.ledger import Ledger, StageCost
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -53,17 +54,6 @@ def crash_point(name: str) -> None:
 
 def note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def write_json(path: Path, data) -> None:
-    """Write a file whole or not at all (a crash mid-write leaves the old one)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, default=None):
-    return json.loads(path.read_text()) if path.exists() else default
 
 
 def record_once(ledger: Ledger, cost: StageCost) -> StageCost:
@@ -112,7 +102,7 @@ def _latest_unfinished(runs: Path, config: dict, leaderboard: str) -> str | None
     return None
 
 
-def choose_run(cfg, ax, run_id: str | None, resume: bool) -> Path:
+def choose_run(cfg, method_name: str, run_id: str | None, resume: bool) -> Path:
     """The run folder this command works in: the given id (continued if it exists), the newest unfinished run of
     this configuration (--resume), or a new one. Refuses an id that was started with other settings."""
     runs = Path(cfg.runs_dir)
@@ -122,7 +112,7 @@ def choose_run(cfg, ax, run_id: str | None, resume: bool) -> Path:
         if run_id is None:
             note("nothing to resume for this configuration: starting a new run")
     if run_id is None:
-        run_id = f"{datetime.now():%Y%m%d-%H%M%S}-{ax.name}-s{cfg.seed}-{os.urandom(2).hex()}"
+        run_id = f"{datetime.now():%Y%m%d-%H%M%S}-{method_name}-s{cfg.seed}-{os.urandom(2).hex()}"
     if not RUN_ID.fullmatch(run_id):
         raise UserError(f"bad --run-id {run_id!r}: use letters, digits, '.', '_' and '-' (a folder name in "
                         f"{runs}, at most 128 characters)")

@@ -44,6 +44,24 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
     })
 
 
+def sft_config(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int, max_length: int,
+               accumulation: int = 1, scheduler: str = "cosine", warmup_steps: int = 0, adam_beta2: float = 0.999,
+               max_grad_norm: float = 1.0, logging_steps: int = 50, tokens_seen: str = "all", quiet: bool = True):
+    """SFTConfig for every SFT stage here (the world's teachers and student, continued SFT); CPU-safe (trl.md)."""
+    import torch
+    from trl import SFTConfig
+
+    gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, learning_rate=lr, lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps, weight_decay=0.0, adam_beta2=adam_beta2, max_grad_norm=max_grad_norm,
+        max_length=max_length, use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False,
+        save_strategy="no", report_to=[], logging_steps=logging_steps, seed=seed, data_seed=seed,
+        dataloader_num_workers=0, include_num_input_tokens_seen=tokens_seen, dataset_num_proc=None,
+        disable_tqdm=quiet)
+
+
 def train_sft(model, tokenizer, dataset, training: Training, out_dir: Path, *, seed: int,
               max_steps: int | None = None, max_length: int = 256, callbacks: list | None = None,
               lr_scheduler: str = "cosine") -> dict:
@@ -51,24 +69,12 @@ def train_sft(model, tokenizer, dataset, training: Training, out_dir: Path, *, s
 
     `callbacks` are TRL/transformers TrainerCallbacks (e.g. a budget that stops training).
     """
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    args = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
-        max_steps=max_steps or training.steps,
-        per_device_train_batch_size=training.batch_size,
-        learning_rate=training.lr,
-        lr_scheduler_type=lr_scheduler,  # cosine: annealed to 0, the model ends converged for its budget
-        warmup_steps=training.warmup_steps,
-        weight_decay=0.0,
-        adam_beta2=0.98,
-        max_grad_norm=1.0,
-        max_length=max_length,
-        use_cpu=_use_cpu(), bf16=False, gradient_checkpointing=False,  # see reference/trl.md
-        save_strategy="no", report_to=[], logging_steps=50, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, include_num_input_tokens_seen="all",
-        dataset_num_proc=None,
-    )
+    # cosine: annealed to 0, the model ends converged for its budget
+    args = sft_config(out_dir / "trainer", steps=max_steps or training.steps, batch_size=training.batch_size,
+                      lr=training.lr, seed=seed, max_length=max_length, scheduler=lr_scheduler,
+                      warmup_steps=training.warmup_steps, adam_beta2=0.98, quiet=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=callbacks)
     result = trainer.train()
@@ -77,7 +83,32 @@ def train_sft(model, tokenizer, dataset, training: Training, out_dir: Path, *, s
             "final_loss": float(losses[-1]) if losses else float(result.training_loss)}
 
 
-def _use_cpu() -> bool:
-    import torch
+def continued_sft_trainer(ctx, dataset):
+    """An SFTTrainer that continues pi_sft on `dataset` with the preset's shared lr and batch, until the budget
+    stops it; its `.cost` counts this attempt's trained tokens (6N each) like the OPD trainer's."""
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
 
-    return not torch.cuda.is_available()
+    from opd_bench.ledger import StageCost
+    from opd_bench.logprobs import n_params
+
+    t = ctx.cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    args = sft_config(ctx.work, steps=t.max_steps or 10**9, batch_size=micro, accumulation=t.batch_size // micro,
+                      lr=t.lr, seed=ctx.cfg.seed, max_length=4 * t.max_new_tokens + 512, scheduler="constant",
+                      max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, tokens_seen="non_padding")
+
+    class CountTokens(TrainerCallback):  # the state of a resumed attempt counts earlier attempts' tokens too
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = int(state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            tokens = int(state.num_input_tokens_seen) - self.start
+            trainer.cost.tokens_trained, trainer.cost.flops = tokens, 6.0 * n * tokens
+
+    model = ctx.load_model(ctx.world.student)
+    n = n_params(model)
+    trainer = SFTTrainer(model=model, args=args, processing_class=ctx.tokenizer, train_dataset=dataset,
+                      callbacks=[CountTokens()])
+    trainer.cost = StageCost(stage="train")
+    return trainer

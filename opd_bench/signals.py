@@ -28,6 +28,7 @@ __all__ = [
     "normalized_entropy",
     "reverse_kl",
     "topk_reverse_kl",
+    "generalized_jsd",
     "opd_reward",
     "reward_to_go",
     "exopd_advantage",
@@ -74,6 +75,21 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     ls = F.log_softmax(student_logits, dim=-1)
     lt = F.log_softmax(teacher_logits, dim=-1)
     return _plogp_terms(ls, lt).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """TRL's generalized JSD per position: beta 1 = KL(pS || pT), beta 0 = KL(pT || pS), else
+    beta KL(pT || M) + (1 - beta) KL(pS || M) with M = (1 - beta) pS + beta pT. Differentiable in both inputs."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits)
+    ls = F.log_softmax(student_logits, dim=-1)
+    lt = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0.0:
+        return _plogp_terms(lt, ls).sum(-1)
+    lm = torch.logsumexp(torch.stack([ls + math.log(1 - beta), lt + math.log(beta)]), dim=0)
+    return beta * _plogp_terms(lt, lm).sum(-1) + (1 - beta) * _plogp_terms(ls, lm).sum(-1)
 
 
 def topk_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int) -> torch.Tensor:

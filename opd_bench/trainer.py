@@ -1,15 +1,15 @@
-"""OPDTrainer: one subclass of TRL's DistillationTrainer that runs every OPD method, on CPU and GPU.
+"""OPDTrainer: one subclass of TRL's DistillationTrainer that runs every OPD method, on CPU and GPU. It is
+method-blind: it computes what the method's `Data` declaration asks for and trains on the method's `loss`.
 
 Per generation batch (`_generate_and_score_completions`):
-  online   TRL generates (HF generate or vLLM), then the teacher and the reference score the sampled
-           tokens under no_grad (sampled-token log-probs only);
-  offline  the batch is read from the precomputed dataset (prompt ids, completion ids, teacher log-probs):
-           no generation and no teacher in memory.
-Per micro-batch (`compute_loss`): the method's advantage and token mask from lazily computed per-token
-signals (`Signals`: nothing the method does not read is computed), then the sampled-token policy gradient
--sum_t mask_t sg(A_t) log pS(y_t) / N, with N the global count of trained tokens, so gradient accumulation
-and data parallelism give the big-batch gradient exactly. `loss=full-kl` is TRL's own loss (beta = 1:
-full-vocab reverse KL), the reference arm.
+  online   TRL generates (HF generate or vLLM); if the method reads sampled-token teacher log-probs (and not
+           the teacher's full distribution), the teacher scores the sampled tokens under no_grad, and the
+           reference does when the method reads reference log-probs;
+  offline  the batch is read from the precomputed dataset (prompt ids, completion ids and the declared
+           log-probs): no generation and no teacher in memory.
+Per micro-batch (`compute_loss`): `method.loss(Signals, params)`, where `Signals` computes each per-token
+signal on first read (nothing the method does not read is computed) and `num_items` is the global count of
+completion tokens, so gradient accumulation and data parallelism give the big-batch gradient exactly.
 
 Every FLOP is charged to `self.cost` (generation 2N, scoring 2N, training 6N per token) for the budget.
 """
@@ -24,104 +24,19 @@ from pathlib import Path
 
 import torch
 from trl import DistillationConfig, DistillationTrainer
-from trl.kernels import ChunkedLogProbFunction
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.trainer.utils import RepeatSampler, pad
 
 from opd_bench import signals as S
-from opd_bench.config import MethodAxes, RunConfig
+from opd_bench.config import RunConfig
 from opd_bench.errors import UserError
 from opd_bench.ledger import StageCost
+from opd_bench.logprobs import check_plain_head, completion_logps, head_logits, hidden_states, n_params, sampled_logps
+from opd_bench.methods.base import Data, Loss, Rollouts
 
 ROWS = 2048  # token rows per chunk when the (tokens, V) logits are not materialized at once
 
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def use_chunked(cfg: RunConfig) -> bool:
-    return cfg.train.logits == "chunked" or (cfg.train.logits == "auto" and torch.cuda.is_available())
-
-
-def check_plain_head(model) -> None:
-    """Our head projection is `lm_head(h) / T`; refuse models whose logits are post-processed (Gemma softcap)."""
-    text = model.config.get_text_config()
-    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling"):
-        if getattr(text, key, None) not in (None, 1.0):
-            raise UserError(f"{text.model_type} sets {key}: opd-bench's sampled-token path assumes plain "
-                            f"lm_head logits; use loss=full-kl (TRL's loss handles it) or another model")
-
-
-def hidden_states(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
-    """Backbone output at the positions that predict the last `n_completion` tokens: (B, C, H)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state[:, -n_completion - 1:-1, :]
-
-
-def head_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits in float32 (bf16 log-softmax is too coarse for rewards), or float64 for exactness tests."""
-    logits = model.get_output_embeddings()(hidden)
-    return (logits if logits.dtype == torch.float64 else logits.float()) / temperature
-
-
-def sampled_logps(model, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float, chunked: bool,
-                  with_entropy: bool = False):
-    """log pS(y_t) (and the entropy) from hidden states: dense logits, or TRL's chunked kernel."""
-    if not chunked:
-        logits = head_logits(model, hidden, temperature)
-        return S.token_logps(logits, tokens), (S.entropy(logits.detach()) if with_entropy else None)
-    head = model.get_output_embeddings()
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    logp, ent, *_ = ChunkedLogProbFunction.apply(flat, head.weight, head.bias, tokens.reshape(-1), temperature,
-                                                 4096, None, 1.0, ("entropy",) if with_entropy else ())
-    return logp.view(tokens.shape), (ent.detach().view(tokens.shape) if with_entropy else None)
-
-
-@torch.no_grad()
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature: float = 1.0,
-                     chunked: bool = False, rows: int = 8) -> torch.Tensor:
-    """Sampled-token log-probs of the completions under `model` (the teacher's score).
-
-    Sequences are scored `rows` at a time, sorted by length with each group's padding trimmed (padding does
-    not change a causal LM's outputs, only its cost: ~20% of the teacher's forward on micro batches). One
-    function for the online trainer and the offline `teacher_logps` stage, so both give the same numbers.
-    """
-    p_len, c_len = prompt_mask.sum(1), completion_mask.sum(1)
-    out = torch.zeros(completion_ids.shape, dtype=torch.float64 if model.dtype == torch.float64 else torch.float32,
-                      device=completion_ids.device)
-    order = torch.argsort(p_len + c_len, stable=True)
-    for i in range(0, len(order), rows):
-        idx = order[i:i + rows]
-        p, c = int(p_len[idx].max()), max(int(c_len[idx].max()), 1)
-        ids = torch.cat([prompt_ids[idx, -p:], completion_ids[idx, :c]], 1)
-        mask = torch.cat([prompt_mask[idx, -p:], completion_mask[idx, :c]], 1)
-        h = hidden_states(model, ids, mask, c)
-        out[idx, :c] = sampled_logps(model, h, completion_ids[idx, :c], temperature, chunked)[0].to(out.dtype)
-    return out.masked_fill(~completion_mask.bool(), 0.0)
-
-
-@torch.no_grad()
-def mean_reverse_kl(student, teacher, tokenizer, prompts: list[str], *, max_new_tokens: int, seed: int = 0,
-                    batch_size: int = 64) -> float:
-    """Sequence-level KL(pS || pT) per completion, on held-out prompts: E_{y~pS}[sum_t KL(pS(.|s_t) || pT(.|s_t))]
-    (the chain rule), with the exact per-state KL on the student's own samples (lower variance than log-ratios)."""
-    from opd_bench.generation import chat_prompt
-
-    total, count = 0.0, 0
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer([chat_prompt(tokenizer, p) for p in prompts[i:i + batch_size]], return_tensors="pt",
-                        padding=True, add_special_tokens=False).to(student.device)
-        torch.manual_seed(seed * 1_000_003 + i)
-        out = student.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        completion = out[:, enc["input_ids"].shape[1]:]
-        is_eos = (completion == tokenizer.eos_token_id).int()
-        mask = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
-        attention = torch.cat([enc["attention_mask"], mask.long()], 1)
-        logits = [head_logits(m, hidden_states(m, out, attention, completion.shape[1]), 1.0) for m in (student, teacher)]
-        total += float((S.reverse_kl(*logits) * mask).sum())
-        count += completion.shape[0]
-    return total / max(count, 1)
+ROWS = 2048  # token rows per chunk when the (tokens, V) logits are not materialized at once
 
 
 def gradient_variance(group_losses, params) -> tuple[float, float]:
@@ -151,11 +66,13 @@ class Signals:
     """Per-token signals of one micro-batch, each computed on first read; all (B, C), aligned with tokens.
 
     Dense mode keeps the student's (B, C, V) logits (cheap on CPU); chunked mode never materializes them:
-    log pS with TRL's chunked kernel, detached signals (entropy, KL) ROWS positions at a time.
+    log pS with TRL's chunked kernel, detached signals (entropy, KL) ROWS positions at a time, and the
+    trained full-vocab divergence with TRL's chunked divergence kernel on the selected positions only.
     """
 
-    def __init__(self, trainer: "OPDTrainer", student, inputs: dict):
+    def __init__(self, trainer: "OPDTrainer", student, inputs: dict, num_items: torch.Tensor):
         self.tr, self.student, self.inputs = trainer, student, inputs
+        self.num_items = num_items  # the global count of completion tokens (the normalizer of a full batch)
         self.tokens = inputs["completion_ids"]
         self.mask = inputs["completion_mask"].bool()
         self.input_ids = torch.cat([inputs["prompt_ids"], self.tokens], 1)
@@ -174,12 +91,12 @@ class Signals:
     @cached_property
     def _logp_entropy(self):
         if self.chunked:
-            return sampled_logps(self.student, self._hidden, self.tokens, self.T, True, self.tr.needs_entropy)
+            return sampled_logps(self.student, self._hidden, self.tokens, self.T, True, self.tr.data.reads.entropy)
         return S.token_logps(self._logits, self.tokens), None
 
     @property
     def student_logp(self) -> torch.Tensor:
-        """log pS(y_t | s_t), the only signal with a gradient."""
+        """log pS(y_t | s_t), with its gradient."""
         return self._logp_entropy[0]
 
     @cached_property
@@ -234,31 +151,43 @@ class Signals:
     def ref_logp(self) -> torch.Tensor:
         return self.inputs["ref_logps"]
 
+    @property
+    def sampler_logp(self) -> torch.Tensor:
+        return self.inputs["sampler_logps"]
+
     @cached_property
     def kl(self) -> torch.Tensor:
-        """Full-vocab KL(pS(.|s_t) || pT(.|s_t)), detached (vOPD's V(s_t) = -KL_t)."""
+        """Full-vocab KL(pS(.|s_t) || pT(.|s_t)), detached (vOPD's V(s_t) = -KL_t, TIP's d_t)."""
         return self._per_position(S.reverse_kl, with_teacher=True)
 
     def topk_kl(self, k: int) -> torch.Tensor:
         return self._per_position(lambda s, t: S.topk_reverse_kl(s, t, k), with_teacher=True)
 
-    @cached_property
-    def divergence(self) -> torch.Tensor:
-        """TIP's d_t: the full-vocab KL online; offline only the sampled-token estimate log pS - log pT exists."""
-        if self.tr.teacher_model is not None:
-            return self.kl
-        return (self.student_logp.detach() - self.teacher_logp).masked_fill(~self.mask, 0.0)
+    def divergence_on(self, keep: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """The full-vocab divergence (beta 1: KL(pS || pT); 0: KL(pT || pS); else TRL's generalized JSD) at the
+        `keep` positions only, one value per kept position, with its gradient to the student. The vocabulary
+        projection runs on those rows alone (chunked: TRL's kernel, never a (rows, V) tensor in full)."""
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+        hs = self._hidden.flatten(0, 1).index_select(0, rows)
+        ht = self._teacher_hidden.flatten(0, 1).index_select(0, rows)
+        if self.chunked:
+            s_head, t_head = self.student.get_output_embeddings(), self._teacher.get_output_embeddings()
+            div, _ = ChunkedDivergenceFunction.apply(hs, s_head.weight, s_head.bias, ht.detach(), t_head.weight,
+                                                     t_head.bias, beta, self.T)
+            return div
+        with torch.no_grad():
+            teacher = head_logits(self._teacher, ht, self.T)
+        return S.generalized_jsd(head_logits(self.student, hs, self.T), teacher, beta)
 
 
 class OPDTrainer(DistillationTrainer):
-    def __init__(self, *, method, axes: MethodAxes, ref_model=None, chunked: bool = False,
+    def __init__(self, *, method, params, data: Data, ref_model=None, chunked: bool = False,
                  rollouts_per_prompt: int = 1, **kwargs):
-        self.method, self.axes, self.chunked = method, axes, chunked
-        self.needs_entropy = axes.tokens != "all"  # chunked mode: the kernel adds it in the same pass
-        self.rollouts_per_prompt = rollouts_per_prompt if axes.rollouts == "online" else 1
+        self.method, self.params, self.data, self.chunked = method, params, data, chunked
+        self.offline = data.rollouts == Rollouts.OFFLINE
+        self.rollouts_per_prompt = 1 if self.offline else rollouts_per_prompt
         super().__init__(**kwargs)
         check_plain_head(self.model)
-        self.beta = axes.beta
         self.cost = StageCost(stage="train")
         self.n_student = n_params(self.model)
         self.n_teacher = n_params(self.teacher_model) if self.teacher_model is not None else 0
@@ -280,12 +209,13 @@ class OPDTrainer(DistillationTrainer):
                              shuffle=self.shuffle_dataset, seed=self.args.seed)
 
     def _generate_and_score_completions(self, inputs):
-        if self.axes.rollouts == "offline":
+        reads = self.data.reads
+        if self.offline:
             batch = self._offline_batch(inputs)
         else:
             batch = super()._generate_and_score_completions(inputs)
             self.cost.generate(self.n_student, int(batch["completion_mask"].sum()))
-            if self.axes.loss == "pg" and not self.method.needs_teacher_distribution(self.axes):
+            if reads.teacher_logp and not reads.teacher_distribution:  # else the loss's teacher forward gives it
                 batch["teacher_logps"] = self._score(self.teacher_model, self.n_teacher, batch)
         if self.ref_model is not None and "ref_logps" not in batch:
             batch["ref_logps"] = self._score(self.ref_model, self.n_ref, batch)
@@ -326,41 +256,33 @@ class OPDTrainer(DistillationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._grad_variance_due():
             self._log_grad_variance(model, inputs)
-        if self.axes.loss == "full-kl":  # TRL's own loss; we only charge its FLOPs
-            tokens = int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
-            self.cost.train(self.n_student, tokens)
-            self.cost.score(self.n_teacher, tokens)
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The global token count from generation, clamped: an all-empty batch must give 0, not 0/0 = NaN
         # (the TRL IWOPD bug in reference/trl.md). Divided by the process count because DDP averages gradients.
         count = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         student = self.accelerator.unwrap_model(model)
-        loss = self._forward_redirection(model, student, self._pg_loss, student, inputs, count)
+        loss = self._forward_redirection(model, student, self._method_loss, student, inputs, count)
         return (loss, None) if return_outputs else loss
 
-    def _pg_loss(self, student, inputs, count):
-        s = Signals(self, student, inputs)
-        adv = self.method.advantage(s, self.axes)
-        keep = self.method.token_mask(s, self.axes) & s.mask
-        if self.axes.tokens != "all":  # trained tokens = the selected ones; the local selection rate scales
-            count = count * keep.sum() / s.mask.sum().clamp(min=1)  # the global count (exact when GA = 1)
-        old = inputs.get("sampler_logps") if self.axes.ratio == "sampler" else None  # None: ratio 1
-        loss = S.policy_gradient_loss(s.student_logp, adv, keep, count, old_logp=old, clip_eps=self.axes.clip_eps)
-        self._log_signals(s, adv, keep)
-        return loss
+    def _method_loss(self, student, inputs, count):
+        s = Signals(self, student, inputs, count)
+        out = self.method.loss(s, self.params)
+        self._log_signals(s, out)
+        return out.value
 
     @torch.no_grad()
-    def _log_signals(self, s: Signals, adv: torch.Tensor, keep: torch.Tensor) -> None:
+    def _log_signals(self, s: Signals, out: Loss) -> None:
         m, n = self._metrics["train"], s.mask.sum().clamp(min=1)
-        reward = (s.teacher_logp - s.student_logp.detach()).masked_fill(~s.mask, 0)
-        m["opd/reward"].append((reward.sum() / n).item())  # minus the sampled per-token reverse KL
-        m["opd/tokens_kept"].append((keep.sum() / n).item())
-        a = adv[keep].double()
-        if a.numel() > 1:
-            m["opd/advantage_mean"].append(a.mean().item())
-            m["opd/advantage_var"].append(a.var().item())  # vOPD's variance claim is measured, not assumed
+        if "teacher_logp" in s.__dict__ or "teacher_logps" in s.inputs:  # logged only when the method read it
+            reward = (s.teacher_logp - s.student_logp.detach()).masked_fill(~s.mask, 0)
+            m["opd/reward"].append((reward.sum() / n).item())  # minus the sampled per-token reverse KL
+        m["opd/tokens_kept"].append(((out.kept & s.mask).sum() / n).item())
+        if out.advantage is not None:
+            a = out.advantage[out.kept & s.mask].double()
+            if a.numel() > 1:
+                m["opd/advantage_mean"].append(a.mean().item())
+                m["opd/advantage_var"].append(a.var().item())  # vOPD's variance claim is measured, not assumed
         if "entropy" in s.__dict__:  # logged only when the method computed it
-            m["entropy"].append((s.entropy.masked_fill(~s.mask, 0).sum() / n).item())
+            m["opd/entropy"].append((s.entropy.masked_fill(~s.mask, 0).sum() / n).item())
 
     # --- gradient variance: a diagnostic (vOPD's claim), measured on logging steps only -----------------
 
@@ -410,24 +332,25 @@ class OPDTrainer(DistillationTrainer):
         metrics["opd/grad_norm2"].append(norm2)
 
 
-def opd_args(cfg: RunConfig, ax: MethodAxes, out_dir: Path, n_rows: int | None = None) -> DistillationConfig:
+def opd_args(cfg: RunConfig, data: Data, out_dir: Path, n_rows: int | None = None) -> DistillationConfig:
     """TRL arguments from the preset's shared `train` section (the same for every method)."""
     t = cfg.train
+    offline = data.rollouts == Rollouts.OFFLINE
     micro = t.micro_batch_size or t.batch_size
-    if t.batch_size % micro or t.batch_size % (t.rollouts_per_prompt if ax.rollouts == "online" else 1):
+    if t.batch_size % micro or t.batch_size % (1 if offline else t.rollouts_per_prompt):
         raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} "
                         f"and of train.rollouts_per_prompt={t.rollouts_per_prompt}")
     gpu = torch.cuda.is_available()
     steps = t.max_steps or 10**9  # the budget stops training
-    if ax.rollouts == "offline" and n_rows is not None:  # and at most max_passes over the rollouts
+    if offline and n_rows is not None:  # and at most max_passes over the rollouts
         steps = min(steps, max(1, math.floor(t.max_passes * n_rows / t.batch_size)))
     return DistillationConfig(
         output_dir=str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
         learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=t.max_grad_norm, max_steps=steps, max_completion_length=t.max_new_tokens,
-        temperature=t.temperature, top_p=1.0, top_k=0, beta=ax.beta, seed=cfg.seed, data_seed=cfg.seed,
+        temperature=t.temperature, top_p=1.0, top_k=0, seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu and t.gradient_checkpointing,  # see trl.md
         logging_steps=t.logging_steps, save_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, shuffle_dataset=True,
-        use_vllm=t.vllm and ax.rollouts == "online", vllm_mode="colocate",
+        use_vllm=t.vllm and not offline, vllm_mode="colocate",
     )

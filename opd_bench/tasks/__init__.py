@@ -1,4 +1,4 @@
-"""Task cards: one YAML file per task in `tasks/`, and the problems they load.
+"""Task cards: one YAML file per task in `opd_bench/tasks/` (shipped in the package), and the problems they load.
 
 A card fixes the evaluation protocol (k samples, temperature, top-p, max tokens) and names a loader
 (`module:function`, called with `loader_args` and returning a list of `Problem`) and a scorer. The
@@ -75,4 +75,4 @@ def load_card(path: Path) -> TaskCard:
         return TaskCard.model_validate(data)
     except (yaml.YAMLError, ValidationError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"bad task card {path}: {first}; fix the YAML (see tasks/micro-math.yaml)") from None
+        raise UserError(f"bad task card {path}: {first}; fix the YAML (see opd_bench/tasks/micro-math.yaml)") from None
