@@ -89,7 +89,7 @@ def parse_budget(text: str | None, clock: str = "wall") -> Budget:
     return Budget(spec=spec, kind="seconds", amount=amount, clock=clock)
 
 
-def charged_spend(budget: Budget, stages: Iterable[StageCost], price: GpuPrice = PRICE) -> dict:
+def spend_of(budget: Budget, stages: Iterable[StageCost], price: GpuPrice = PRICE) -> dict:
     """What the charged stages spent, under every accounting, and the fraction of `budget` that is."""
     stages = list(stages)
     spend = {"device_seconds": sum(s.device_seconds for s in stages),
@@ -116,7 +116,7 @@ class BudgetCallback(TrainerCallback):
                  marks: tuple[float, ...] = (), on_mark: Callable[[float, dict], None] | None = None,
                  timer: Callable[[], float] = time.perf_counter):
         self.budget, self.devices, self.meter, self.price, self.timer = budget, devices, meter, price, timer
-        before = charged_spend(budget, charged, price)
+        before = spend_of(budget, charged, price)
         self.charged_seconds = charged_seconds + before["device_seconds"]
         self.charged_flops = charged_flops + before["flops"]
         self.charged_modeled_seconds = charged_modeled_seconds + before["modeled_seconds"]
