@@ -124,6 +124,8 @@ class Signals:
 
     def _per_position(self, fn, with_teacher: bool) -> torch.Tensor:
         """fn(student_logits[, teacher_logits]) at every position, without gradient."""
+        # Built (and cached) outside no_grad: the loss may later need the student's hidden states with their graph.
+        _ = self._hidden if self.chunked else self._logits
         with torch.no_grad():
             if not self.chunked:
                 return fn(self._logits.detach(), *([self._teacher_logits] if with_teacher else []))
@@ -209,15 +211,18 @@ class OPDTrainer(DistillationTrainer):
                              shuffle=self.shuffle_dataset, seed=self.args.seed)
 
     def _generate_and_score_completions(self, inputs):
-        reads = self.data.reads
         if self.offline:
-            batch = self._offline_batch(inputs)
-        else:
-            batch = super()._generate_and_score_completions(inputs)
-            self.cost.generate(self.n_student, int(batch["completion_mask"].sum()))
-            if reads.teacher_logp and not reads.teacher_distribution:  # else the loss's teacher forward gives it
-                batch["teacher_logps"] = self._score(self.teacher_model, self.n_teacher, batch)
-        if self.ref_model is not None and "ref_logps" not in batch:
+            return self.score_batch(self._offline_batch(inputs))
+        batch = super()._generate_and_score_completions(inputs)
+        self.cost.generate(self.n_student, int(batch["completion_mask"].sum()))
+        return self.score_batch(batch)
+
+    def score_batch(self, batch: dict) -> dict:
+        """Add the sampled-token log-probs the method declared and the batch does not carry yet (no_grad)."""
+        reads = self.data.reads
+        if reads.teacher_logp and not reads.teacher_distribution and "teacher_logps" not in batch:
+            batch["teacher_logps"] = self._score(self.teacher_model, self.n_teacher, batch)  # else: the loss's
+        if self.ref_model is not None and "ref_logps" not in batch:  # teacher forward gives it
             batch["ref_logps"] = self._score(self.ref_model, self.n_ref, batch)
         return batch
 

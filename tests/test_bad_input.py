@@ -175,14 +175,11 @@ def _board_is_a_folder(case: Case) -> None:
 
 def _run_started_with_other_settings(case: Case) -> None:
     """A run folder whose saved config is this command's resolved config with another learning rate."""
-    from opd_bench.budget import parse_budget
     from opd_bench.config import load_config
-    from opd_bench.method import resolve
+    from opd_bench.resolve import resolve
 
-    sets = [f"{key}={value}" for key, value in case.sets.items()] + ["method.name=standard-opd", "train.lr=0.5"]
-    other = load_config("smoke", sets)
-    _, ax = resolve(other, "standard-opd")
-    other = other.model_copy(update={"method": ax, "budget": parse_budget(other.budget).spec})
+    sets = [f"{key}={value}" for key, value in case.sets.items()] + ["train.lr=0.5"]
+    other = resolve(load_config("smoke", sets), "standard-opd").cfg
     (case.runs / "r1").mkdir(parents=True)
     (case.runs / "r1" / "config.json").write_text(other.model_dump_json())
     case.extra += ["--run-id", "r1"]

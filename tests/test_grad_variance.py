@@ -76,8 +76,8 @@ def test_one_group_is_an_error():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     from opd_bench.config import load_config
-    from opd_bench.hf_world import load_tokenizer
-    from opd_bench.run import load_world
+    from opd_bench.models import load_tokenizer
+    from opd_bench.worlds import load_world
 
     tmp = tmp_path_factory.mktemp("gradvar")
     cfg = load_config("smoke", [f"runs_dir={tmp}", "world.hf.dtype=float64", "train.batch_size=8"])
@@ -89,23 +89,23 @@ def _trainer(smoke, method_name, overrides=()):
     from datasets import Dataset
 
     from opd_bench.config import load_config
-    from opd_bench.hf_world import load_model
-    from opd_bench.method import resolve
-    from opd_bench.run import training_prompts
+    from opd_bench.models import load_model
+    from opd_bench.resolve import resolve
     from opd_bench.trainer import OPDTrainer, opd_args
+    from opd_bench.worlds import training_prompts
 
     cfg = load_config("smoke", [f"runs_dir={smoke['tmp']}", "world.hf.dtype=float64", "train.batch_size=8", *overrides])
-    method, ax = resolve(cfg, method_name)
+    r = resolve(cfg, method_name)
     prompts = training_prompts(cfg, 16, "gradvar")
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for _, p in prompts]})
     return OPDTrainer(model=load_model(smoke["world"].student, cfg), teacher_model=load_model(smoke["world"].teacher_a, cfg),
-                      args=opd_args(cfg, ax, smoke["tmp"] / "work"), train_dataset=data,
-                      processing_class=smoke["tokenizer"], method=method, axes=ax)
+                      args=opd_args(r.cfg, r.data, smoke["tmp"] / "work"), train_dataset=data,
+                      processing_class=smoke["tokenizer"], method=r.method, params=r.params, data=r.data)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, overrides, head_only", [
-    ("standard-opd", (), False), ("tip", ("method.tokens=q3",), False), ("full-kl", (), False),
+    ("standard-opd", (), False), ("tip", ("method.params.rule=q3",), False), ("full-kl", (), False),
     ("standard-opd", (), True),  # a student above GRAD_VAR_MAX_PARAMS: the output head's gradient only
 ])
 def test_trainer_logs_the_variance_of_its_own_loss_and_leaves_the_step_alone(smoke, method, overrides, head_only):

@@ -27,16 +27,16 @@ def test_paper_presets_validate_with_the_papers_hyperparameters(preset, student,
     assert (t.lr, t.batch_size, t.rollouts_per_prompt, t.max_new_tokens, t.temperature) == (2e-6, 256, 1, 4096, 1.0)
     assert round(t.max_passes * t.rollout_prompts / t.batch_size) in range(140, 160)  # ~150 steps
     assert cfg.eval.tasks == PAPER_TASKS and cfg.eval.backend == "vllm" and t.vllm
-    from opd_bench.method import resolve
+    from opd_bench.resolve import resolve
 
-    assert resolve(cfg, "lightning-opd")[1].clip_eps == 0.2
+    assert resolve(cfg, "lightning-opd").params.clip_eps == 0.2
 
 
 def test_a_paper_preset_without_its_sft_checkpoint_says_what_to_set():
-    from opd_bench.hf_world import load_world
+    from opd_bench.worlds import load_world
 
     with pytest.raises(UserError, match="world.hf.sft_student"):
-        load_world(load_config("lightning-8b").world.hf)
+        load_world(load_config("lightning-8b"))
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +67,13 @@ def _overrides(root: Path, tmp: Path) -> list[str]:
 
 
 def test_hf_loaders_work_on_local_stand_ins(stand_ins, tmp_path):
-    from opd_bench.hf_world import load_model, load_prompts, load_tokenizer, load_world
+    from opd_bench.hf_world import load_prompts
+    from opd_bench.models import load_model, load_tokenizer
     from opd_bench.offline import check_tokenizers
+    from opd_bench.worlds import load_world
 
     cfg = load_config("lightning-8b", _overrides(stand_ins, tmp_path))
-    world = load_world(cfg.world.hf)
+    world = load_world(cfg)
     assert world.student == f"{stand_ins}/student" and world.tokenizer == world.student
     tokenizer = load_tokenizer(world.tokenizer)
     assert tokenizer.padding_side == "left"
