@@ -26,33 +26,35 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from opd_bench.config import load_config  # noqa: E402
-from opd_bench.hf_world import load_model, load_tokenizer  # noqa: E402
 from opd_bench.ledger import Ledger  # noqa: E402
-from opd_bench.method import resolve  # noqa: E402
-from opd_bench.run import _opd_trainer, load_world  # noqa: E402
+from opd_bench.models import load_model, load_tokenizer  # noqa: E402
+from opd_bench.resolve import resolve  # noqa: E402
+from opd_bench.training import TrainContext, build_trainer, teacher_of  # noqa: E402
+from opd_bench.worlds import load_world  # noqa: E402
 
 ARMS = [("trl-distillation", []), ("standard-opd", []), ("lightning-opd", []), ("exopd", []), ("vopd", []),
-        ("vopd", ["method.top_k=16"]), ("tip", []), ("tip", ["method.tokens=q3"]), ("full-kl", [])]
+        ("vopd", ["method.params.top_k=16"]), ("tip", []), ("tip", ["method.params.rule=q3"]), ("full-kl", [])]
 
 
 def build(preset: str, arm: str, overrides: list[str], steps: int, work: Path):
     from datasets import Dataset
     from trl import DistillationTrainer
 
-    from opd_bench.run import training_prompts
+    from opd_bench.worlds import training_prompts
     from opd_bench.trainer import opd_args
 
     cfg = load_config(preset, ["train.lr=1e-12", f"train.rollout_prompts={steps * 64}", *overrides])
     world = load_world(cfg)
     tokenizer = load_tokenizer(world.tokenizer)
     if arm != "trl-distillation":
-        method, ax = resolve(cfg, arm)
-        trainer = _opd_trainer(cfg, method, ax, world, tokenizer, world.teacher_a, [], Ledger(work / "l.json"), work)
+        r = resolve(cfg, arm)
+        ctx = TrainContext(r.cfg, world, tokenizer, teacher_of(r, world), work, Ledger(work / "l.json"))
+        trainer = build_trainer(ctx, r)
     else:  # TRL's own trainer, beta = 1 (full-vocab reverse KL), the same arguments and data
-        _, ax = resolve(cfg, "full-kl")
+        r = resolve(cfg, "full-kl")
         prompts = training_prompts(cfg, cfg.train.prompts, "opd")
         data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for _, p in prompts]})
-        trainer = DistillationTrainer(model=load_model(world.student, cfg), args=opd_args(cfg, ax, work),
+        trainer = DistillationTrainer(model=load_model(world.student, cfg), args=opd_args(r.cfg, r.data, work),
                                       teacher_model=load_model(world.teacher_a, cfg), train_dataset=data,
                                       processing_class=tokenizer)
     trainer.create_optimizer()

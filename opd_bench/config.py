@@ -141,6 +141,8 @@ class RunConfig(Section):
     threads: int = Field(1, ge=1, description="torch threads per process (1 is fastest here; see trl.md)")
     leaderboard: str = Field("leaderboard.csv", description="the CSV every finished run appends a row to")
     budget: str | None = Field(None, description="default --budget: device time (30h, 90m, 45s) or 3e15flop")
+    budget_clock: Literal["wall", "modeled"] = Field("wall", description="how device time is counted: measured "
+                                                     "(wall x devices) or modeled GPU time from FLOPs (docs/budget.md)")
     world: World = Field(default_factory=World)
     method: MethodChoice = Field(default_factory=MethodChoice)
     train: Train = Field(default_factory=Train)

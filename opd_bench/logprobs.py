@@ -25,8 +25,8 @@ def check_plain_head(model) -> None:
     text = model.config.get_text_config()
     for key in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling"):
         if getattr(text, key, None) not in (None, 1.0):
-            raise UserError(f"{text.model_type} sets {key}: opd-bench's sampled-token path assumes plain "
-                            f"lm_head logits; use loss=full-kl (TRL's loss handles it) or another model")
+            raise UserError(f"{text.model_type} sets {key}: opd-bench's scoring assumes plain lm_head logits "
+                            f"(logits = lm_head(h) / T); use a model without it")
 
 
 def hidden_states(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:

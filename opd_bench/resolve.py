@@ -54,7 +54,7 @@ def resolve(cfg: RunConfig, method_name: str | None = None, budget_spec: str | N
         raise UserError("no method: pass --method NAME (`opd-bench list` shows them)")
     method = get(name)
     params = method.params(cfg.method.params)
-    budget = parse_budget(budget_spec or cfg.budget)
+    budget = parse_budget(budget_spec or cfg.budget, clock=cfg.budget_clock)
     choice = MethodChoice(name=name, params=params.model_dump(mode="json"))
     cfg = cfg.model_copy(update={"method": choice, "budget": budget.spec})
     return Resolved(cfg, method, params, budget, method.data(params))

@@ -16,9 +16,11 @@ def build_row(r, run_id: str, ledger, metrics: dict, world, command: str | None)
     cfg, budget = r.cfg, r.budget
     row = {"run_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "git_commit": git_commit(), "preset": cfg.preset, "method": r.method.name, "label": r.label,
-           "seed": cfg.seed, "budget": budget.spec, "budget_kind": budget.kind, "status": status_of(metrics),
+           "seed": cfg.seed, "budget": budget.spec, "budget_kind": budget.kind, "budget_clock": budget.clock,
+           "status": status_of(metrics),
            "run_key": r.key, "params": r.params.model_dump(mode="json"), "params_changed": r.params_changed,
-           "spent_device_s": metrics["spent"]["device_seconds"], "spent_flops": metrics["spent"]["flops"],
+           "spent_device_s": metrics["spent"]["device_seconds"],
+           "spent_modeled_s": metrics["spent"].get("modeled_seconds"), "spent_flops": metrics["spent"]["flops"],
            "spent_fraction": metrics["spent"]["fraction"], "steps": metrics["steps"],
            "stopped_by": metrics["stopped_by"]}
     tokens = {"tokens_trained": 0, "tokens_generated": 0, "tokens_scored": 0}
@@ -26,6 +28,7 @@ def build_row(r, run_id: str, ledger, metrics: dict, world, command: str | None)
         if stage.extra.get("charged") or (stage.stage.startswith("eval") and not stage.cached):
             key = "eval" if stage.stage.startswith("eval@") else stage.stage
             row[f"device_s.{key}"] = row.get(f"device_s.{key}", 0.0) + stage.device_seconds
+            row[f"modeled_s.{key}"] = row.get(f"modeled_s.{key}", 0.0) + stage.modeled_seconds
     before, after = metrics["before"], metrics["after"]
     for tag, m in after.items():
         row[f"{tag}.avg@k"] = m["avg@k"]

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from opd_bench import preflight
-from opd_bench.budget import Budget, BudgetCallback
+from opd_bench.budget import Budget, BudgetCallback, spend_of
 from opd_bench.cache import build_stage
 from opd_bench.config import RunConfig
 from opd_bench.errors import UserError
@@ -115,8 +115,7 @@ def _train(trainer, budget: Budget, charged: list[StageCost], meter, on_mark, ma
     """Train until the budget (or the trainer's own step limit) is spent; the stage is charged. With `progress`
     (as run() does), the spend is recorded at every step, checkpoints are saved, Ctrl-C stops cleanly, and
     training continues from `checkpoint` (an interrupted attempt's)."""
-    callback = BudgetCallback(budget, devices=devices, charged_seconds=sum(c.device_seconds for c in charged),
-                              charged_flops=sum(c.flops for c in charged), meter=meter, marks=marks, on_mark=on_mark)
+    callback = BudgetCallback(budget, devices=devices, charged=charged, meter=meter, marks=marks, on_mark=on_mark)
     cost = progress.cost if progress else StageCost(stage="train", devices=devices, extra={"charged": True})
     if progress is not None:
         progress.budget = callback
@@ -204,10 +203,7 @@ def _run_in(run_dir: Path, r: Resolved, world: WorldModels, tokenizer, teacher: 
 
 def charged_spend(ledger: Ledger, budget: Budget) -> dict:
     """What the method was charged: its precompute stages and every training attempt."""
-    charged = [s for s in ledger.stages if s.extra.get("charged")]
-    spent = {"device_seconds": sum(c.device_seconds for c in charged), "flops": sum(c.flops for c in charged)}
-    spent["fraction"] = budget.spent(spent["device_seconds"], spent["flops"]) / budget.amount
-    return spent
+    return spend_of(budget, [s for s in ledger.stages if s.extra.get("charged")])
 
 
 def _publish(cfg, run_dir: Path) -> dict:
@@ -239,7 +235,8 @@ def _train_phase(r: Resolved, world: WorldModels, tokenizer, teacher: str, ledge
 
     def usage() -> dict:
         """This attempt's tokens and FLOPs so far."""
-        return {k: getattr(trainer.cost, k) for k in ("tokens_trained", "tokens_generated", "tokens_scored", "flops")}
+        return {k: getattr(trainer.cost, k) for k in ("tokens_trained", "tokens_generated", "tokens_scored", "flops",
+                                                      "decode_flops", "prefill_flops", "train_flops")}
 
     attempt = len(previous) + 1
     cost = StageCost(stage="train", devices=trainer.accelerator.num_processes,
@@ -248,7 +245,8 @@ def _train_phase(r: Resolved, world: WorldModels, tokenizer, teacher: str, ledge
     progress = TrainingProgress(ledger, cost, usage, every=cfg.train.checkpoint_seconds,
                                 steps_file=run_dir / "budget_steps.jsonl", attempt=attempt)
     n_curve = cfg.eval.n_per_split_curve or cfg.eval.n_per_split
-    curve = read_json(run_dir / "curve.json") or [{"mark": 0.0, "device_seconds": 0.0, "flops": 0.0, "step": 0,
+    curve = read_json(run_dir / "curve.json") or [{"mark": 0.0, "device_seconds": 0.0, "modeled_seconds": 0.0,
+                                                    "flops": 0.0, "step": 0,
                                                     "avg@k": subset_scores(base_dir, n_curve)}]
     write_json(run_dir / "curve.json", curve)
 
@@ -263,14 +261,13 @@ def _train_phase(r: Resolved, world: WorldModels, tokenizer, teacher: str, ledge
         curve.append({"mark": mark, **spend, "step": trainer.state.global_step, "avg@k": subset_scores(folder, n_curve)})
         write_json(run_dir / "curve.json", curve)
 
-    precharged = budget.spent(sum(c.device_seconds for c in charged), sum(c.flops for c in charged))
-    if precharged >= budget.amount:  # the precompute (or the attempts before a crash) spent the budget
+    if spend_of(budget, charged)["fraction"] >= 1:  # the precompute (or the attempts before a crash) spent the budget
         if checkpoint is not None:
             load_checkpoint_weights(trainer, checkpoint)
         stopped = "budget" if previous else "budget (precompute)"  # without training, pi_sft is the result
     else:
         marks = tuple(m for m in cfg.eval.curve if m > curve[-1]["mark"])  # a resumed run keeps its earlier points
-        callback, _ = _train(trainer, budget, charged, lambda: usage()["flops"], on_mark, marks, ledger, cost.devices,
+        callback, _ = _train(trainer, budget, charged, usage, on_mark, marks, ledger, cost.devices,
                              progress=progress, checkpoint=checkpoint)
         stopped = "budget" if callback.steps and callback.steps[-1]["fraction"] >= 1 else "step limit"
     status = "ok"

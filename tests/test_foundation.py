@@ -25,7 +25,7 @@ def test_preset_and_overrides_are_typed():
 
 
 def test_training_prompt_mix_defaults_to_the_worlds_and_can_be_overridden():
-    from opd_bench.run import training_prompts
+    from opd_bench.worlds import training_prompts
 
     def math_share(overrides):
         prompts = training_prompts(load_config("smoke", overrides), 200, "mix")

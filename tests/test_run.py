@@ -56,7 +56,9 @@ def test_run_writes_a_run_folder_a_balanced_ledger_and_a_leaderboard_row(tmp_pat
     assert [p["mark"] for p in metrics["curve"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
     row = read_rows(lb)[0]
-    assert row["method"] == "lightning-opd" and row["axis.rollouts"] == "offline" and row["seed"] == "3"
+    assert row["method"] == "lightning-opd" and row["label"] == "lightning-opd" and row["seed"] == "3"
+    assert json.loads(row["params"])["rollouts"] == "offline" and json.loads(row["params_changed"]) == {}
+    assert float(row["spent_modeled_s"]) > 0 and row["budget_clock"] == "wall"
     assert row["budget"] == "20s" and row["budget_kind"] == "seconds" and row["git_commit"]
     assert float(row["spent_device_s"]) == pytest.approx(
         sum(float(row[f"device_s.{s}"]) for s in ("rollouts", "teacher-logps", "train")), rel=1e-4)
