@@ -165,6 +165,32 @@ def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (s
 
 
 @app.command()
+def plan(method: str = typer.Option(..., "--method", "-M", help="method (see `opd-bench list`)"),
+         gpus: int = typer.Option(1, "--gpus", min=1, help="training GPUs, all nodes together"),
+         gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="usable memory per GPU in GB (10^9 bytes)"),
+         layout: str = typer.Option("ddp", "--layout", help="ddp, zero3 or fsdp2 (the accelerate config)"),
+         teacher: str = typer.Option("colocated", "--teacher", help="colocated (in the training processes) or "
+                                     "server (a vLLM server on its own GPUs)"),
+         server_gpus: int = typer.Option(0, "--server-gpus", min=0, help="the teacher server's GPUs"),
+         server_tp: Optional[int] = typer.Option(None, "--server-tp", help="its tensor parallel (default: all of them)"),
+         eval_tp: int = typer.Option(1, "--eval-tp", min=1, help="tensor parallel of evaluation/rollout engines"),
+         vllm_memory: float = typer.Option(0.3, "--vllm-memory", help="colocated rollout engine's GPU share"),
+         vllm_sleep: bool = typer.Option(False, "--vllm-sleep", help="the colocated engine sleeps during the step"),
+         prompt_tokens: int = typer.Option(256, "--prompt-tokens", min=1, help="longest prompt in tokens"),
+         preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt):
+    """Estimate every stage's per-GPU memory for a layout; exit 2 with the fix when a stage cannot fit."""
+    from opd_bench.planner import Layout, plan_report
+
+    cfg = _config(preset, set_)
+    lay = Layout(gpus=gpus, gpu_memory_gb=gpu_memory, strategy=layout, teacher=teacher, server_gpus=server_gpus,
+                 server_tp=server_tp, eval_tp=eval_tp, vllm_memory=vllm_memory, vllm_sleep=vllm_sleep)
+    table, problem = plan_report(cfg, method, lay, prompt_tokens=prompt_tokens)
+    (console if console.is_terminal else Console(width=200)).print(table)
+    if problem:
+        raise UserError(problem)
+
+
+@app.command()
 def suite(seeds: int = typer.Option(3, "--seeds", help="seeds per run (the preset's seed, +1, ...)"),
           workers: Optional[int] = typer.Option(None, "--workers", "-w", help="runs in parallel, one torch thread "
                                                 "each (default: the CPU count)"),
