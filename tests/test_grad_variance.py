@@ -153,7 +153,7 @@ def test_trainer_logs_the_variance_of_its_own_loss_and_leaves_the_step_alone(smo
 @pytest.mark.slow
 def test_training_logs_grad_var_every_logging_step_and_gives_its_time_back_to_the_budget(smoke):
     from opd_bench.budget import BudgetCallback, parse_budget
-    from opd_bench.leaderboard import log_means
+    from opd_bench.row import log_means
 
     trainer = _trainer(smoke, "standard-opd", ("train.logging_steps=2", "train.max_steps=4"))
     callback = BudgetCallback(parse_budget("1h"))

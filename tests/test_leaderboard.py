@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from opd_bench.errors import UserError
-from opd_bench.leaderboard import append_row, finished_keys, log_means, read_rows, status_of
+from opd_bench.leaderboard import append_row, finished_keys, read_rows
+from opd_bench.row import log_means, status_of
 
 WORKERS, ROWS = 8, 50
 

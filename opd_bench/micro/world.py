@@ -22,6 +22,15 @@ from opd_bench.ledger import StageCost
 
 TOKENIZER_VERSION = 1
 DATA_VERSION = 1  # bump when the generators in problems.py change
+# Libraries whose version changes a built stage's bytes (training, sampling, tokenizer files): part of every
+# stage key, so a world built under other versions is a different world, not a silent stand-in (constraints.txt).
+LIBRARIES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in LIBRARIES}
 
 
 @dataclass
@@ -41,7 +50,7 @@ class World:
 # ----------------------------------------------------------------------------- stage inputs
 
 def _tokenizer_inputs() -> dict:
-    return {"version": TOKENIZER_VERSION}
+    return {"version": TOKENIZER_VERSION, "libraries": library_versions()}
 
 
 def _teacher_inputs(cfg: RunConfig, style: str) -> dict:
@@ -49,6 +58,7 @@ def _teacher_inputs(cfg: RunConfig, style: str) -> dict:
     return {"tokenizer": stage_dir(cfg.artifacts_dir, "tokenizer", _tokenizer_inputs()).name,
             "style": style, "arch": w.teacher.model_dump(), "training": w.teacher_training.model_dump(),
             "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed,
+            "libraries": library_versions(),
             **({"corrections": w.corrections} if w.corrections else {})}  # absent at 0: keys stay as they were
 
 
@@ -56,13 +66,15 @@ def _sft_data_inputs(cfg: RunConfig) -> dict:
     w = cfg.world
     return {"teacher": stage_dir(cfg.artifacts_dir, "teacher-a", _teacher_inputs(cfg, "A")).name,
             "prompts": w.sft_prompts, "temperature": w.sft_temperature, "max_new_tokens": w.max_new_tokens,
-            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed}
+            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed,
+            "libraries": library_versions()}
 
 
 def _student_inputs(cfg: RunConfig) -> dict:
     w = cfg.world
     return {"sft_data": stage_dir(cfg.artifacts_dir, "sft-data", _sft_data_inputs(cfg)).name,
-            "arch": w.student.model_dump(), "training": w.student_training.model_dump(), "seed": cfg.seed}
+            "arch": w.student.model_dump(), "training": w.student_training.model_dump(), "seed": cfg.seed,
+            "libraries": library_versions()}
 
 
 def stage_paths(cfg: RunConfig) -> dict[str, Path]:
