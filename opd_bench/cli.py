@@ -195,15 +195,17 @@ def suite(seeds: int = typer.Option(3, "--seeds", help="seeds per run (the prese
           workers: Optional[int] = typer.Option(None, "--workers", "-w", help="runs in parallel, one torch thread "
                                                 "each (default: the CPU count)"),
           budget: Optional[str] = typer.Option(None, "--budget", "-b", help="budget of every run (default: the preset's)"),
-          sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="also run each core method at each value: "
-                                                    "--sweep lr=1e-4,3e-4 (repeatable; any config key)"),
+          sweep: Optional[list[str]] = typer.Option(None, "--sweep", help="also run each core arm at each value: "
+                                                    "--sweep lr=1e-4,3e-4 (repeatable; any config key, e.g. "
+                                                    "method.params.clip_eps=0.1,0.3: arms without it are left out)"),
           core: bool = typer.Option(False, "--core/--full", help="core arms only, or also every ablation sweep"),
           method: Optional[list[str]] = typer.Option(None, "--method", "-M", help="only this method's runs (repeatable)"),
           dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and stop"),
           report_out: Path = typer.Option(Path("reports"), "--out", help="report folder written at the end"),
           make_report: bool = typer.Option(True, "--report/--no-report", help="write the report at the end"),
           preset: str = PresetOpt, set_: Optional[list[str]] = SetOpt):
-    """Every method (and, with --full, every ablation) x seeds under one budget, skipping finished runs; then the report."""
+    """The preset's suite spec (opd_bench/suites/): its core arms (and, with --full, its sweeps) x seeds under one
+    budget, skipping finished runs; then the report."""
     import time as _time
 
     from opd_bench import suite as S

@@ -1,16 +1,13 @@
 """`opd-bench report`: rebuild reports/ from leaderboard.csv, deterministically (same rows, same bytes).
 
-Reads the rows of one preset at one budget. A row holds everything needed (scores, per-stage device time,
-the 0/25/50/75/100% accuracy curve, gradient variance, token fraction, peak memory); rows written before
-those columns existed are completed from their run folder when it is still there. Writes, each table as
-Markdown, LaTeX and CSV:
-  main          method x task avg@k (mean +- std over seeds), math avg, code avg; the papers' numbers beside ours
-  cost          device-hours by stage, cost to reach standard OPD's final accuracy, speedup
-  claims        each paper claim, our measurement with its spread, and a verdict by the rule below
-  exopd-lambda, vopd, tip, best-lr   the ablations
-figures (PNG, `report_figures.py`): accuracy vs device time with seed bands, the lambda sweep, TIP bars,
-vOPD variance; and README.md indexing all of it.
-The claims, their rule and the cost-to-reach computation are in `claims.py`.
+Reads the rows of one preset, budget and world, and the preset's suite spec (suite.load_spec); no method is
+named here. Rows are grouped and labelled by the `label` each run recorded (never by today's defaults); the
+spec's arms select rows by {method, params} (suite.Arm). Writes, each table as Markdown, LaTeX and CSV:
+  claims   the spec's claims, what we measured (95% Welch-t intervals) and the verdicts (rules: claims.py)
+  main     every label x task avg@k (mean ± std over seeds), the papers' numbers beside ours (spec `paper`)
+  cost     device-hours by stage, the cost to reach the spec's reference arm's accuracy, the speedup
+  best-lr  each label at its best swept learning rate next to the shared one
+and the spec's `tables`, its `figures` (report_figures.py) and README.md indexing all of it.
 """
 
 from __future__ import annotations
@@ -19,37 +16,30 @@ import csv
 import io
 import json
 import math
-import re
 import statistics
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from opd_bench.claims import ACC_MARGIN, CLAIMS, REL_MARGIN, Stat, speedups, verdict
+from opd_bench import claims as C
+from opd_bench.claims import Stat
 from opd_bench.leaderboard import read_rows
-from opd_bench.suite import CORE
+from opd_bench.methods.base import PI_SFT  # the spec's name for the base evaluation every row records
+from opd_bench.suite import arm, load_spec
 
 PAPER_RESULTS = Path(__file__).parent / "data" / "paper_results.csv"
-PAPER_BENCHMARKS = {"livecodebench-v5": "lcb_v5", "livecodebench-v6": "lcb_v6"}  # our task -> the papers' name
-PAPER_METHODS = {"sft": "pi_sft (SFT)", "all-tokens": "standard-opd", "entropy-50": "tip",
-                 "soft-or-50": "tip [tokens=soft-or]"}
-PI_SFT = "pi_sft (SFT)"
-# The files a report writes (and only these are removed before it writes again; the folder may hold others).
-GENERATED = [f"{t}.{ext}" for t in ("claims", "main", "cost", "exopd-lambda", "vopd", "tip", "best-lr")
-             for ext in ("md", "tex", "csv")] + ["accuracy_vs_cost.png", "exopd_lambda.png", "tip_rules.png",
-                                                 "vopd_variance.png", "README.md"]
 LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
          "}": r"\}", "~": r"\textasciitilde{}", "<": "$<$", ">": "$>$", "≥": r"$\geq$", "±": r"$\pm$", "—": "---"}
-
-
-# ----------------------------------------------------------------------------- rows
 
 
 @dataclass
 class Run:
     """One leaderboard row, parsed."""
 
-    arm: str  # method, plus the axes it sets differently from the plugin, e.g. "exopd [lam=1.5]"
+    label: str  # what the run recorded, e.g. "exopd [lam=1.5]"
     method: str
+    params: dict  # all its resolved parameters
+    changed: dict  # those that differed from the method's defaults
     seed: str
     lr: float | None
     status: str
@@ -58,8 +48,7 @@ class Run:
     stages: dict  # stage -> device-seconds
     spent_s: float
     curve: list  # (mark, charged device-seconds, accuracy averaged over tasks)
-    diag: dict  # grad_var, advantage_var, tokens_kept, peak_mb
-    axes: dict = field(default_factory=dict)
+    cells: dict = field(default_factory=dict)  # every numeric column (grad_var, tokens_kept, loss_peak_mb, ...)
     end: str = ""
     wall_s: float | None = None
     suite_command: str = ""
@@ -67,8 +56,6 @@ class Run:
     @property
     def interval(self) -> tuple | None:
         """(start, end) of the run's process as datetimes; None without its end time or wall time."""
-        from datetime import datetime, timedelta
-
         if not self.end or self.wall_s is None:
             return None
         end = datetime.fromisoformat(self.end)
@@ -83,78 +70,21 @@ def _float(value) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _norm(value) -> str:
-    """Cell and Python values on one footing: '1' == 1.0, '' == None."""
-    if value in (None, "", "None"):
-        return ""
-    x = _float(value)
-    return f"{x:.6g}" if x is not None and str(value) not in ("True", "False") else str(value)
-
-
-def arm_of(row: dict) -> str:
-    from opd_bench.errors import UserError
-    from opd_bench.registry import METHODS
-
-    method = row.get("method", "")
-    try:
-        own = METHODS.get(method).axes.model_dump()
-    except (UserError, AttributeError):  # a plugin that is not installed here: trust the row
-        return f"{method} [{row['variant']}]" if row.get("variant") else method
-    diff = [f"{k}={row[f'axis.{k}']}" for k in own if k != "name" and f"axis.{k}" in row
-            and _norm(row[f"axis.{k}"]) != _norm(own[k])]
-    return f"{method} [{','.join(diff)}]" if diff else method
-
-
-def _run_dir(row: dict, root: Path) -> Path | None:
-    """The row's run folder if it still exists (a relative path: from here, or from the leaderboard's folder)."""
-    if not row.get("run_dir"):
-        return None
-    for path in (Path(row["run_dir"]), root / row["run_dir"]):
-        if path.is_dir():
-            return path
-    return None
-
-
-def _lr(row: dict, preset_lr: float, run_dir: Path | None) -> float | None:
-    if _float(row.get("train.lr")) is not None:
-        return _float(row["train.lr"])
-    if run_dir and (run_dir / "config.json").exists():
-        return json.loads((run_dir / "config.json").read_text())["train"]["lr"]
-    match = re.search(r"train\.lr=(\S+)", row.get("command", ""))
-    return _float(match.group(1)) if match else preset_lr  # no override: the preset's rate
-
-
-def _curve(row: dict, run_dir: Path | None) -> list:
-    if row.get("curve"):
-        points = [(p[0], p[1], p[3]) for p in json.loads(row["curve"])]
-    elif run_dir and (run_dir / "metrics.json").exists():  # a row written before the curve column existed
-        curve = json.loads((run_dir / "metrics.json").read_text())["curve"]
-        points = [(p["mark"], p["device_seconds"], p["avg@k"]) for p in curve]
-    else:
-        return []
-    spent, train = _float(row.get("spent_device_s")) or 0.0, _float(row.get("device_s.train")) or 0.0
-    out = []
-    for mark, seconds, scores in points:
-        # pi_sft's point sits at what the method spent before training (offline rollouts and precompute).
-        x = max(spent - train, 0.0) if mark == 0 else seconds
-        out.append((mark, x, statistics.fmean(scores.values())))
-    return out
-
-
-def parse(row: dict, preset_lr: float, root: Path = Path(".")) -> Run:
-    run_dir = _run_dir(row, root)
+def parse(row: dict, preset_lr: float) -> Run:
     tags = sorted(k[:-len(".avg@k")] for k in row if k.endswith(".avg@k") and _float(row[k]) is not None)
-    stages = {k[len("device_s."):]: _float(v) for k, v in row.items() if k.startswith("device_s.") and _float(v)}
-    diag = {k: _float(row.get(k)) for k in ("grad_var", "advantage_var", "tokens_kept", "peak_rss_mb", "peak_gpu_mb")}
-    gpu, rss = diag.pop("peak_gpu_mb"), diag.pop("peak_rss_mb")
-    diag["peak_mb"] = gpu if gpu is not None else rss  # the GPU's when there is one
-    return Run(arm=arm_of(row), method=row.get("method", ""), seed=row.get("seed", ""), lr=_lr(row, preset_lr, run_dir),
-               status=row.get("status") or "ok", scores={t: float(row[f"{t}.avg@k"]) for t in tags},
+    spent, train, lr = (_float(row.get(k)) for k in ("spent_device_s", "device_s.train", "train.lr"))
+    # pi_sft's point (mark 0) sits at what the method spent before training (offline rollouts and precompute).
+    curve = [(p[0], max((spent or 0.0) - (train or 0.0), 0.0) if p[0] == 0 else p[1], statistics.fmean(p[3].values()))
+             for p in json.loads(row.get("curve") or "[]")]
+    return Run(label=row.get("label") or row.get("method", ""), method=row.get("method", ""),
+               params=json.loads(row.get("params") or "{}"), changed=json.loads(row.get("params_changed") or "{}"),
+               seed=row.get("seed", ""), lr=preset_lr if lr is None else lr, status=row.get("status") or "ok",
+               scores={t: float(row[f"{t}.avg@k"]) for t in tags},
                base={t: float(row[f"{t}.base_avg@k"]) for t in tags if _float(row.get(f"{t}.base_avg@k")) is not None},
-               stages=stages, spent_s=_float(row.get("spent_device_s")) or 0.0, curve=_curve(row, run_dir),
-               diag={k: v for k, v in diag.items() if v is not None},
-               axes={k[5:]: v for k, v in row.items() if k.startswith("axis.")}, end=row.get("time", ""),
-               wall_s=_float(row.get("process_wall_s")), suite_command=row.get("suite_command", ""))
+               stages={k[9:]: _float(v) for k, v in row.items() if k.startswith("device_s.") and _float(v)},
+               spent_s=spent or 0.0, curve=curve, cells={k: _float(v) for k, v in row.items() if _float(v) is not None},
+               end=row.get("time", ""), wall_s=_float(row.get("process_wall_s")),
+               suite_command=row.get("suite_command", ""))
 
 
 def task_kind(tag: str) -> str:
@@ -164,20 +94,15 @@ def task_kind(tag: str) -> str:
     try:
         return "math" if TASKS.get(tag.split("@")[0]).scorer == "math" else "code"
     except UserError:
-        return "math" if re.search(r"math|aime|hmmt", tag) else "code"
+        return "math" if any(w in tag for w in ("math", "aime", "hmmt")) else "code"
 
 
 def metric(run: Run, name: str) -> float | None:
-    """A run's value of a named metric: a task tag, 'avg' (all tasks), 'math'/'code' (their tasks), or a diagnostic."""
-    if name in run.scores:
-        return run.scores[name]
+    """A task tag, 'avg' (all tasks), 'math'/'code' (their tasks), or any numeric column of the row."""
     if name in ("avg", "math", "code"):
         values = [v for t, v in run.scores.items() if name == "avg" or task_kind(t) == name]
         return statistics.fmean(values) if values else None
-    return run.diag.get(name)
-
-
-# ----------------------------------------------------------------------------- tables
+    return run.scores[name] if name in run.scores else run.cells.get(name)
 
 
 @dataclass
@@ -192,39 +117,33 @@ class Table:
 
     def markdown(self) -> str:
         lines = [f"| {' | '.join(self.header)} |", "|" + "---|" * len(self.header)]
-        lines += [f"| {' | '.join(c.replace('|', '/') for c in row)} |" for row in self.rows]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + [f"| {' | '.join(c.replace('|', '/') for c in row)} |" for row in self.rows]) + "\n"
 
     def latex(self) -> str:
         def esc(text: str) -> str:
             return "".join(LATEX.get(ch, ch) for ch in text.replace(">=", "≥"))
 
-        lines = [f"% {self.title}", "\\begin{tabular}{" + (self.align or "l" + "r" * (len(self.header) - 1)) + "}", "\\toprule",
-                 " & ".join(esc(h) for h in self.header) + " \\\\", "\\midrule"]
+        lines = [f"% {self.title}", "\\begin{tabular}{" + (self.align or "l" + "r" * (len(self.header) - 1)) + "}",
+                 "\\toprule", " & ".join(esc(h) for h in self.header) + " \\\\", "\\midrule"]
         lines += [" & ".join(esc(c) for c in row) + " \\\\" for row in self.rows]
         return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
 
     def csv(self) -> str:
-        keys = []
-        for r in self.raw:
-            keys += [k for k in r if k not in keys]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys, restval="", lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in self.raw for k in r)), restval="",
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in self.raw)
         return buf.getvalue()
 
 
-def pct(s: Stat) -> str:
-    if s.mean is None:
-        return "—"
-    return f"{100 * s.mean:.1f}" + (f" ± {100 * s.std:.1f}" if s.std is not None else "")
+FORMATS = {"pct": lambda s: f"{100 * s.mean:.1f}" + (f" ± {100 * s.std:.1f}" if s.std is not None else ""),
+           "sci": lambda s: f"{s.mean:.3g}" + (f" ± {s.std:.2g}" if s.std is not None else ""),
+           "h": lambda s: f"{s.mean / 3600:.3g}"}  # device-seconds as device-hours, the mean only
 
 
-def sci(s: Stat, unit: str = "") -> str:
-    if s.mean is None:
-        return "—"
-    return f"{s.mean:.3g}" + (f" ± {s.std:.2g}" if s.std is not None else "") + unit
+def show(s: Stat, fmt: str = "pct") -> str:
+    return "—" if s.mean is None else FORMATS[fmt](s)
 
 
 def _raw(prefix: str, s: Stat) -> dict:
@@ -232,212 +151,202 @@ def _raw(prefix: str, s: Stat) -> dict:
 
 
 class Report:
-    def __init__(self, runs: list[Run], preset: str, budget: str, shared_lr: float, world_kind: str, student: str):
-        self.all, self.preset, self.budget, self.world_kind, self.student = runs, preset, budget, world_kind, student
-        self.lr, self.other_worlds = shared_lr, 0
+    def __init__(self, runs: list[Run], spec: dict, preset: str, budget: str, shared_lr: float):
+        self.all, self.spec, self.preset, self.budget, self.lr = runs, spec, preset, budget, shared_lr
+        self.other_worlds = 0
         self.runs = [r for r in runs if r.lr is not None and math.isclose(r.lr, shared_lr, rel_tol=1e-9)]
         self.tags = sorted({t for r in self.runs for t in r.scores})
         kinds = {task_kind(t) for t in self.tags}
         self.metrics = self.tags + [k for k in ("math", "code") if k in kinds] + (["avg"] if self.tags else [])
-        order = {m: i for i, m in enumerate(CORE)}
-        self.arms = sorted({r.arm for r in self.runs}, key=lambda a: (order.get(a, len(order)), a))
+        self.accuracy = [{"metric": m, "label": {"math": "math avg", "code": "code avg"}.get(m, m)}
+                         for m in self.metrics]
+        self.core = [arm(a) for a in spec.get("core", [])]
+        rank = {r.label: min([i for i, a in enumerate(self.core) if a.matches(r)] + [len(self.core)]) for r in runs}
+        self.labels = sorted({r.label for r in self.runs}, key=lambda label: (rank[label], label))
 
-    def of(self, arm: str, runs: list[Run] | None = None) -> list[Run]:
-        return [r for r in (self.runs if runs is None else runs) if r.arm == arm]
-
-    def stat(self, arm: str, name: str) -> Stat:
-        return Stat.of(metric(r, name) for r in self.of(arm))
-
-    def pi_sft(self) -> dict:
-        """pi_sft's scores: the base evaluation every row records (one value per seed)."""
+    def of(self, a) -> list[Run]:
+        """The runs of an arm (a spec entry or suite.Arm); pi_sft: one per seed, its base scores as scores."""
+        a = a if hasattr(a, "matches") else arm(a)
+        if a.method != PI_SFT:
+            return [r for r in self.runs if a.matches(r)]
         per_seed = {r.seed: r for r in sorted(self.runs, key=lambda r: r.seed) if r.base}
-        return {m: Stat.of(metric(Run(**{**r.__dict__, "scores": r.base}), m) for r in per_seed.values())
-                for m in self.metrics}
+        return [Run(**{**r.__dict__, "scores": r.base, "label": PI_SFT}) for r in per_seed.values()]
+
+    def name(self, a) -> str:
+        """An arm's display name: the labels its rows recorded (the spec's name if it has none)."""
+        return " / ".join(sorted({r.label for r in self.of(a)})) or (a if hasattr(a, "matches") else arm(a)).name
+
+    def groups(self) -> list[tuple[str, list[Run]]]:
+        return [(label, [r for r in self.runs if r.label == label]) for label in self.labels]
+
+    @staticmethod
+    def stat(runs: list[Run], name: str) -> Stat:
+        return Stat.of(metric(r, name) for r in runs)
+
+    def cells(self, name: str, runs: list[Run], cols: list[dict]) -> tuple[list, dict]:
+        """One table row: display cells and CSV values for columns {metric, label, format} or {param, label}."""
+        cells, raw = [name], {"arm": name}
+        for c in cols:
+            if "param" in c:
+                values = sorted({json.dumps(r.params[c["param"]]) for r in runs if c["param"] in r.params})
+                cells.append(raw.setdefault(c["param"], ", ".join(v.strip('"') for v in values) or "—"))
+            else:
+                s = self.stat(runs, c["metric"])
+                cells.append(show(s, c.get("format", "pct")))
+                raw.update(_raw(c["metric"], s))
+        return cells, raw
 
     # --- tables -------------------------------------------------------------------------------
 
-    def _metric_header(self) -> list:
-        names = {"math": "math avg", "code": "code avg", "avg": "avg"}
-        return [names.get(m, m) for m in self.metrics]
-
     def main(self) -> Table:
-        paper = self.paper_rows()
-        rows, raw = [], []
-        base = self.pi_sft()
-        entries = [(PI_SFT, base)] + [(a, {m: self.stat(a, m) for m in self.metrics}) for a in self.arms]
-        for arm, stats in entries:
-            n = max((s.n for s in stats.values()), default=0)
-            diverged = sum(r.status == "diverged" for r in self.of(arm))  # no scores: they count here only
-            rows.append([arm] + [pct(stats[m]) for m in self.metrics] + [f"{n}" + (f" (+{diverged} diverged)" if diverged else "")])
-            raw.append({"arm": arm, **{k: v for m in self.metrics for k, v in _raw(m, stats[m]).items()}})
-            if arm in paper:
-                rows.append([f"  paper: {arm}"] + [paper[arm].get(m, "—") for m in self.metrics] + [""])
-                raw.append({"arm": f"paper: {arm}", **{f"{m}.mean": paper[arm].get(m, "") for m in self.metrics}})
+        paper, rows, raw = self.paper_rows(), [], []
+        for label, runs in [(PI_SFT, self.of(PI_SFT))] + self.groups():
+            cells, values = self.cells(label, runs, self.accuracy)
+            diverged = sum(r.status == "diverged" for r in runs)  # no scores: they count here only
+            rows.append(cells + [f"{len(runs) - diverged}" + (f" (+{diverged} diverged)" if diverged else "")])
+            raw.append(values)
+            for method, numbers in paper.get(label, []):
+                rows.append([f"  paper: {method}"] + [numbers.get(m, "—") for m in self.metrics] + [""])
+                raw.append({"arm": f"paper: {method}", **{f"{m}.mean": numbers.get(m, "") for m in self.metrics}})
         note = (f"avg@k in %, mean ± std over seeds (n runs), at the shared lr {self.lr:g}; pi_sft is the base "
-                f"evaluation recorded in every row; a diverged run (non-finite weights) has no scores.")
-        if paper:
-            note += " Paper rows: the papers' reported numbers (their protocol, their models), for comparison only."
-        return Table("main", "Main table: accuracy by method and task", ["method"] + self._metric_header() + ["n"],
-                     rows, raw, note)
+                "evaluation recorded in every row; a diverged run (non-finite weights) has no scores."
+                + (" Paper rows: the papers' reported numbers (their protocol, their models), for comparison only."
+                   if paper else ""))
+        return Table("main", "Main table: accuracy by method and task",
+                     ["method"] + [c["label"] for c in self.accuracy] + ["n"], rows, raw, note)
 
     def paper_rows(self) -> dict:
-        """The papers' numbers for this preset's student, keyed by our arm and metric name (as text)."""
-        if self.world_kind != "hf" or not self.student:
-            return {}
-        student = self.student.rsplit("/", 1)[-1]
-        out = {}
+        """label -> [(the paper's method, {metric: value as text})], from the spec's `paper` block."""
+        spec, out = self.spec.get("paper"), {}
+        if not spec:
+            return out
         with PAPER_RESULTS.open(newline="") as f:
-            for r in csv.DictReader(f):
-                if r["student"] != student or r["table"] != "main":
-                    continue
-                arm = PAPER_METHODS.get(r["method"], r["method"])
-                for m in self.metrics:
-                    name = {"math": "math_avg", "code": "code_avg"}.get(m) or PAPER_BENCHMARKS.get(m.split("@")[0],
-                                                                                                  m.split("@")[0])
-                    if r["benchmark"] == name:
-                        out.setdefault(arm, {})[m] = r["value"]
+            found = [r for r in csv.DictReader(f) if r["student"] == spec["student"] and r["table"] == spec["table"]]
+        names = {m: {"math": "math_avg", "code": "code_avg"}.get(m) or spec.get("benchmarks", {}).get(
+            m.split("@")[0], m.split("@")[0]) for m in self.metrics}
+        for method, a in spec["arms"].items():
+            numbers = {m: r["value"] for r in found for m in self.metrics
+                       if r["method"] == method and r["benchmark"] == names[m]}
+            label = next((r.label for r in self.of(a)), None)
+            if numbers and label:
+                out.setdefault(label, []).append((method, numbers))
         return out
+
+    def reach(self, runs: list[Run]) -> dict:
+        ref = self.spec.get("cost", {})
+        return C.speedup([r.curve for r in self.of(ref.get("reference", ""))], [r.curve for r in runs], 1.0,
+                         ref.get("margin", 0.0))
 
     def cost(self) -> Table:
         stages = sorted({s for r in self.runs for s in r.stages}, key=lambda s: (s.startswith("eval"), s != "train", s))
-        charged = [s for s in stages if not s.startswith("eval")]
-        reference = self.of("standard-opd")
-        header = ["method"] + [f"{s} (h)" for s in charged] + ["charged total (h)", "eval, not charged (h)",
-                                                                 "to reach std-OPD acc (h)", "speedup", "n"]
-        rows, raw = [], []
-        for arm in self.arms:
-            runs = self.of(arm)
-            per_stage = {s: Stat.of(r.stages.get(s, 0.0) / 3600 for r in runs) for s in charged}
-            total = Stat.of(r.spent_s / 3600 for r in runs)
-            evals = Stat.of(sum(v for k, v in r.stages.items() if k.startswith("eval")) / 3600 for r in runs)
-            hours = lambda s: f"{s.mean:.3g}" if s.mean else "—"  # noqa: E731
-            sp = speedups(reference, runs) if reference else {"why": "no standard-opd runs"}
-            reach = f"{sp['cost'] / 3600:.3g}" if sp.get("cost") else "—" if "why" in sp else "not reached"
-            speed = f"{sp['speedup']:.2f}x" if sp.get("speedup") else "—"
-            rows.append([arm] + [hours(per_stage[s]) for s in charged] + [hours(total), hours(evals), reach, speed,
-                                                                          str(len(runs))])
-            raw.append({"arm": arm, **{f"{s}.device_h.mean": per_stage[s].mean for s in charged},
-                        "charged.device_h.mean": total.mean, "eval.device_h.mean": evals.mean,
-                        "to_reach.device_h": sp["cost"] / 3600 if sp.get("cost") else "",
-                        "speedup": sp.get("speedup") or "", "n": len(runs)})
-        why = speedups(reference, reference).get("why", "") if reference else "no standard-opd runs"
-        note = ("Device-hours (device-seconds / 3600, mean over seeds) by charged stage; evaluations are recorded, "
-                "not charged. 'To reach': charged device time at which the seed-mean accuracy curve (evaluations at "
-                "0/25/50/75/100% of the budget on the curve subset, averaged over tasks) first comes within "
-                f"{100 * ACC_MARGIN:g} point of standard-opd's final accuracy, linear between points; speedup = "
-                "standard-opd's own cost to get there / the method's.") + (f" Not computed: {why}." if why else "")
-        return Table("cost", "Cost table: device-hours by stage and speedup vs standard OPD", header, rows, raw, note)
+        def col(s: str, label: str) -> dict:
+            return {"metric": s if s == "spent_device_s" else f"device_s.{s}", "label": label, "format": "h"}
 
-    def ablation(self, name: str, title: str, arms: list[str], columns: list[tuple[str, str, callable]], note: str,
-                 label=lambda arm: arm):
-        present = [a for a in arms if self.of(a)]
-        if not [a for a in present if a not in ("standard-opd", "full-kl")]:  # nothing but the references
-            return None
+        cols = [col(s, f"{s} (h)") for s in stages if not s.startswith("eval")] + [col("spent_device_s", "charged "
+                "total (h)")] + [col(s, f"{s}, not charged (h)") for s in stages if s.startswith("eval")]
         rows, raw = [], []
-        for arm in present:
-            stats = {key: self.stat(arm, key) for key, _, _ in columns}
-            rows.append([label(arm)] + [fmt(stats[key]) for key, _, fmt in columns] + [str(len(self.of(arm)))])
-            raw.append({"arm": label(arm), **{k: v for key, _, _ in columns for k, v in _raw(key, stats[key]).items()}})
-        return Table(name, title, ["arm"] + [label for _, label, _ in columns] + ["n"], rows, raw, note)
+        for label, runs in self.groups():
+            cells, values = self.cells(label, runs, cols)
+            sp, costs = self.reach(runs), self.reach(runs)["costs"]
+            to_reach = None if sp["ratio"] is None else statistics.fmean(costs) / 3600
+            rows.append(cells + [f"{to_reach:.3g}" if to_reach is not None else f"not reached ({costs.count(None)}/"
+                                 f"{len(costs)})" if None in costs else "—",
+                                 "—" if sp["ratio"] is None else f"{sp['ratio']:.2f}x", str(len(runs))])
+            raw.append({**values, "to_reach.device_h": to_reach, "speedup": sp["ratio"]})
+        ref = self.spec.get("cost", {})
+        why = self.reach(self.of(ref.get("reference", "")))["why"]
+        note = ("Device-hours (device-seconds / 3600, mean over seeds) by stage; evaluations are recorded, not "
+                "charged. 'To reach': the mean over seeds of the charged device time at which a seed's accuracy curve "
+                "(0/25/50/75/100% of the budget, averaged over tasks) first comes within "
+                f"{100 * ref.get('margin', 0):g} point of {self.name(ref.get('reference', ''))}'s seed-mean final "
+                "accuracy, linear between points; "
+                "'not reached (k/n)': k seeds never did; speedup = the reference's cost (its seed-mean curve) / that "
+                "mean." + (f" Not computed: {why}." if "nothing to reach" in why else ""))
+        return Table("cost", "Cost table: device-hours by stage and speedup vs the reference", ["method"] + [
+            c["label"] for c in cols] + ["to reach the reference (h)", "speedup", "n"], rows, raw, note)
 
-    def ablations(self) -> list[Table]:
-        acc = [(m, {"avg": "avg (%)"}.get(m, f"{m} (%)"), pct) for m in self.metrics]
-        lam = lambda a: _float(self.of(a)[0].axes.get("lam")) or 0.0  # noqa: E731
-        lams = sorted((a for a in self.arms if a.split(" ")[0] == "exopd"), key=lam)
-        tables = [
-            self.ablation("exopd-lambda", "ExOPD: the lambda sweep", ["standard-opd"] + lams, acc,
-                          "ExOPD arms differ only in lambda (PPO-clip 0.2, reference pi_sft); standard-opd "
-                          "(lambda 1, no clip) for reference.",
-                          label=lambda a: a if a == "standard-opd" else f"exopd, lambda {lam(a):g}"),
-            self.ablation("vopd", "vOPD: gradient variance and accuracy",
-                          ["standard-opd"] + [a for a in self.arms if a.startswith("vopd")] + ["full-kl"],
-                          [("grad_var", "grad variance", sci), ("advantage_var", "advantage variance", sci),
-                           ("avg", "avg (%)", pct)],
-                          "grad variance: tr Cov of the step's stochastic gradient, estimated from 4 row groups every "
-                          "logging step (mean over training); advantage variance: of A_t over trained tokens."),
-            self.ablation("tip", "TIP: token fraction, accuracy and peak memory",
-                          ["standard-opd"] + [a for a in self.arms if a.startswith("tip")],
-                          [("tokens_kept", "tokens trained (%)", pct), ("avg", "avg (%)", pct),
-                           ("peak_mb", "peak memory (MB)", lambda s: sci(s))],
-                          "standard-opd trains on all tokens; peak memory: the run process's peak resident set "
-                          "(GPU: peak allocated), which on CPU includes the runtime and evaluation.",
-                          label=lambda a: f"{a} ({tip_rule(self.of(a)[0])})"),
-        ]
-        best = self.best_lr()
-        return [t for t in tables + [best] if t is not None]
+    def table(self, name: str, t: dict) -> Table | None:
+        """A table of the spec: its arms (written when at least two have rows) x its columns."""
+        arms = [a for a in map(arm, t["arms"]) if self.of(a)]
+        cols = [c for col in t["columns"] for c in (self.accuracy if col == "accuracy" else [col])]
+        made = [self.cells(self.name(a), self.of(a), cols) for a in arms]
+        return Table(name, t["title"], ["arm"] + [c["label"] for c in cols] + ["n"], [
+            cells + [str(len(self.of(a)))] for a, (cells, _) in zip(arms, made)], [raw for _, raw in made],
+            t.get("note", "")) if len(arms) > 1 else None
 
     def best_lr(self) -> Table | None:
-        """Each method at its best swept learning rate next to the shared one (a rate tuned for one method
+        """Each label at its best swept learning rate next to the shared one (a rate tuned for one method
         must not judge another)."""
-        rows, raw = [], []
-        for arm in sorted({r.arm for r in self.all}, key=lambda a: (a not in CORE, a)):
-            runs = [r for r in self.all if r.arm == arm and r.lr is not None]
-            lrs = sorted({r.lr for r in runs})
-            if len(lrs) < 2:
+        rows, raw, rank = [], [], {label: i for i, label in enumerate(self.labels)}
+        for label in sorted({r.label for r in self.all}, key=lambda x: (rank.get(x, len(rank)), x)):
+            runs = [r for r in self.all if r.label == label and r.lr is not None]
+            per_lr = {lr: self.stat([r for r in runs if r.lr == lr], "avg") for lr in sorted({r.lr for r in runs})}
+            if len(per_lr) < 2:
                 continue
-            per_lr = {lr: Stat.of(metric(r, "avg") for r in runs if r.lr == lr) for lr in lrs}
-            best = max(lrs, key=lambda lr: (per_lr[lr].mean if per_lr[lr].mean is not None else -1, -lr))
-            shared = per_lr.get(next((lr for lr in lrs if math.isclose(lr, self.lr, rel_tol=1e-9)), None), Stat(None, None, 0))
-            rows.append([arm, pct(shared), f"{best:g}", pct(per_lr[best]), ", ".join(f"{lr:g}: {pct(per_lr[lr])}" for lr in lrs)])
-            raw.append({"arm": arm, "shared_lr": self.lr, **_raw("shared", shared), "best_lr": best,
+            best = max(per_lr, key=lambda lr: (per_lr[lr].mean if per_lr[lr].mean is not None else -1, -lr))
+            shared = next((s for lr, s in per_lr.items() if math.isclose(lr, self.lr, rel_tol=1e-9)),
+                          Stat(None, None, 0))
+            rows.append([label, show(shared), f"{best:g}", show(per_lr[best]),
+                         ", ".join(f"{lr:g}: {show(s)}" for lr, s in per_lr.items())])
+            raw.append({"arm": label, "shared_lr": self.lr, **_raw("shared", shared), "best_lr": best,
                         **_raw("best", per_lr[best])})
-        if not rows:
-            return None
         return Table("best-lr", "Shared learning rate vs each method's best swept rate",
                      ["arm", f"avg at shared lr {self.lr:g} (%)", "best lr", "avg at best lr (%)", "all rates"],
-                     rows, raw, "avg accuracy over tasks, mean ± std over seeds.")
+                     rows, raw, "avg accuracy over tasks, mean ± std over seeds.") if rows else None
+
+    def judge(self, c: dict) -> dict:
+        """One claim of the spec: verdict, why, the compared stats and interval (the rules of claims.py)."""
+        a_runs, b_runs = self.of(c["a"]), self.of(c["b"]) if c.get("b") else []
+        a, b = self.stat(a_runs, c["metric"]), self.stat(b_runs, c["metric"]) if c.get("b") else None
+        out = {"a": a, "b": b, "iv": None, "ratio": None}
+        guard = self.judge(self.spec["guard"]) if c.get("guarded") else {"verdict": "reproduced"}
+        if guard["verdict"] != "reproduced":
+            return {**out, "verdict": "not testable here", "why": f"needs: {self.spec['guard']['text']} "
+                    f"({guard['verdict']}{'; ' + _measured(guard, 'pct') if guard['iv'] else ''})"}
+        if c["kind"] == "speedup":
+            sp = C.speedup([r.curve for r in b_runs], [r.curve for r in a_runs], c["threshold"], c.get("margin", 0.0))
+            return {**out, **sp, "a": Stat.of(x for x in sp["costs"] if x is not None), "b": None}
+        margin = c["margin_rel"] * abs(b.mean or 0.0) if "margin_rel" in c and b else c.get("margin", 0.0)
+        verdict, why, iv = C.verdict(c["kind"], a, b, margin, c.get("threshold"), (bool(a_runs), bool(b_runs)))
+        return {**out, "verdict": verdict, "why": why, "iv": iv}
 
     def claims(self) -> Table:
         rows, raw = [], []
-        for c in CLAIMS:
-            a = self.stat(c.a, c.metric)
-            fmt = pct if c.metric in self.metrics or c.metric == "tokens_kept" else \
-                (lambda s: sci(s, " MB")) if c.metric == "peak_mb" else sci
-            if c.kind == "speedup":
-                sp = speedups(self.of(c.b), self.of(c.a)) if self.of(c.b) and self.of(c.a) else {"why": "not run"}
-                s = Stat.of(sp.get("per_seed", []))
-                if "why" in sp:
-                    result, why = "inconclusive", sp["why"]
-                else:
-                    result, why = verdict("at-least", s, None, threshold=c.threshold)
-                    if sp["reached"] < len(self.of(c.a)):
-                        why = (why + "; " if why else "") + f"{len(self.of(c.a)) - sp['reached']} run(s) never reached " \
-                              "the target (their speedup is an upper bound)"
-                measured = "—" if s.mean is None else f"{s.mean:.2f}x" + (f" ± {s.std:.2f}" if s.std is not None else "") + \
-                    f" (n {s.n}) vs {c.threshold}x"
-                a, b = s, None  # the judged numbers are the per-seed speedups
-            elif c.b is None:
-                result, why = verdict(c.kind, a, None, threshold=c.threshold)
-                measured, b = f"{fmt(a)} (n {a.n}) vs {fmt(Stat(c.threshold, None, 1))}", None
+        for key, c in self.spec.get("claims", {}).items():
+            j, fmt = self.judge(c), "pct" if c["metric"] in self.metrics + ["tokens_kept"] else "sci"
+            if c["kind"] == "speedup":
+                measured = f"{j['ratio']:.2f}x [{j['lo']:.2f}, {j['hi']:.2f}] (n {j['n']}) vs {c['threshold']}x" \
+                    if j["ratio"] is not None else f"{j['reached']} of {j['n']} seeds reached it" \
+                    if j.get("costs") else "—"
             else:
-                b = self.stat(c.b, c.metric)
-                margin = ACC_MARGIN if c.metric in self.metrics else REL_MARGIN * abs(b.mean or 0.0)
-                result, why = verdict(c.kind, a, b, margin)
-                d = "" if a.mean is None or b.mean is None else f"; d = {_signed(a.mean - b.mean, fmt)}"
-                measured = f"{fmt(a)} vs {fmt(b)} (n {a.n}/{b.n}){d}"
-            versus = f"{c.a} vs {c.b}" if c.b else c.a
-            rows.append([c.text, c.paper, versus, f"{c.metric}", measured, result, why])
-            raw.append({"claim": c.text, "paper": c.paper, "a": c.a, "b": c.b or "", "kind": c.kind, "metric": c.metric,
-                        **_raw("a", a), **(_raw("b", b) if b else {}), "verdict": result, "why": why})
-        note = ("Verdicts follow the rule in `opd_bench/claims.py`: d = difference of seed means, u = 2 standard errors; "
-                f"margin {100 * ACC_MARGIN:g} accuracy point (10% of the reference for variance and memory). "
-                "A > B: reproduced if d - u > 0, not reproduced if d + u < margin; A ~ B: reproduced if |d| + u <= margin, "
-                "not if |d| - u > margin; A >= B: reproduced if d - u >= -margin, not if d + u < -margin; fewer than "
-                "2 seeds: inconclusive.")
-        return Table("claims", "Claims: the papers' claims and what we measured",
-                     ["claim", "paper", "compared", "metric", "measured (mean ± std)", "verdict", "why"], rows, raw, note,
-                     align="p{4.5cm}llllll")
+                measured = _measured(j, fmt) if c.get("b") else \
+                    f"{show(j['a'], fmt)} (n {j['a'].n}) vs {show(Stat(c['threshold'], None, 1), fmt)}"
+            compared = self.name(c["a"]) + (f" vs {self.name(c['b'])}" if c.get("b") else "")
+            rows.append([c["text"], c["paper"], compared, c["metric"], measured, j["verdict"], j["why"]])
+            raw.append({"claim": c["text"], "id": key, "paper": c["paper"], "compared": compared, "kind": c["kind"],
+                        "metric": c["metric"], **_raw("a", j["a"]), **(_raw("b", j["b"]) if j["b"] else {}),
+                        "d.lo": j["iv"] and j["iv"].lo, "d.hi": j["iv"] and j["iv"].hi, "ratio": j["ratio"],
+                        "verdict": j["verdict"], "why": j["why"]})
+        note = ("Verdicts by the rules of `opd_bench/claims.py`; [lo, hi]: the 95% Welch-t interval of d = A - B "
+                "over seeds; m: the claim's margin (`opd_bench/suites/`). greater: not reproduced if hi < m, else "
+                "reproduced if lo > 0; less: mirrored; matches (non-inferiority): reproduced if lo > -m, not "
+                "reproduced if hi < -m; "
+                "speedup: the reference's cost to reach its accuracy / the mean cost of the arm's seeds (a seed that "
+                "never reaches it: not reached); otherwise, and with fewer than 2 seeds: inconclusive. Guarded claims "
+                f"are 'not testable here' unless {self.spec.get('guard', {}).get('text', 'the guard holds')}.")
+        header = ["claim", "paper", "compared", "metric", "measured (mean ± std; d [95% interval])", "verdict", "why"]
+        return Table("claims", "Claims: the papers' claims and what we measured", header, rows, raw, note,
+                     "p{4.5cm}llllll")
 
 
-def _signed(d: float, fmt) -> str:
-    text = fmt(Stat(abs(d), None, 1))  # the format of the compared values, sign in front
-    return ("+" if d >= 0 else "-") + text
+def _measured(j: dict, fmt: str) -> str:
+    a, b, iv = j["a"], j["b"], j["iv"]
 
+    def signed(x: float) -> str:
+        return ("+" if x >= 0 else "-") + show(Stat(abs(x), None, 1), fmt)
 
-def tip_rule(run: Run) -> str:
-    """TIP's rule in the paper's words, from the run's axes: all / entropy-50% / soft-or-50% / q3."""
-    tokens, fraction = run.axes.get("tokens", "all"), _float(run.axes.get("fraction")) or 0.0
-    return {"all": "all tokens", "q3": "q3"}.get(tokens, f"{tokens}-{100 * fraction:g}%")
+    return f"{show(a, fmt)} vs {show(b, fmt)} (n {a.n}/{b.n})" + (
+        f"; d = {signed(iv.d)} [{signed(iv.lo)}, {signed(iv.hi)}]" if iv else "")
 
 
 # ----------------------------------------------------------------------------- the report folder
@@ -458,14 +367,13 @@ def _busy_seconds(runs: list[Run]) -> float | None:
 
 
 def _duration(runs: list[Run]) -> str:
-    busy = _busy_seconds(runs)
+    busy, timed = _busy_seconds(runs), [r for r in runs if r.interval]
     if busy is None:
         return "unknown (no run has its wall time)"
-    timed = [r for r in runs if r.interval]
-    text = (f"{busy / 60:.1f} minutes with at least one run in progress, idle gaps between invocations left out "
-            f"({sum(r.wall_s for r in timed) / 3600:.2f} hours of run processes in all")
     missing = len(runs) - len(timed)
-    return text + (f"; {missing} rows without their wall time, not counted)" if missing else ")")
+    return (f"{busy / 60:.1f} minutes with at least one run in progress, idle gaps between invocations left out "
+            f"({sum(r.wall_s for r in timed) / 3600:.2f} hours of run processes in all"
+            + (f"; {missing} rows without their wall time, not counted)" if missing else ")"))
 
 
 def _suite_lines(runs: list[Run]) -> list[str]:
@@ -474,7 +382,7 @@ def _suite_lines(runs: list[Run]) -> list[str]:
     for command in sorted({r.suite_command for r in runs if r.suite_command}):
         mine = [r for r in runs if r.suite_command == command]
         busy = _busy_seconds(mine)
-        took = "" if busy is None else f", {busy / 60:.1f} min"
+        took = f", {busy / 60:.1f} min" if busy is not None else ""
         lines.append(f"{command}  # {len(mine)} run{'s' * (len(mine) != 1)}{took}")
     return lines
 
@@ -483,8 +391,9 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
           command: str = "") -> list[Path]:
     """Write the report folder; returns the files written, sorted."""
     from opd_bench.config import load_config
+    from opd_bench.report_figures import figures as draw_figures
 
-    cfg = load_config(preset)
+    cfg, spec = load_config(preset), load_spec(preset)
     rows = sorted((r for r in read_rows(leaderboard) if r.get("preset") == preset), key=lambda r: r["run_id"])
     budgets = sorted({r.get("budget", "") for r in rows})
     if budget is None and budgets:  # the most common budget (ties: the first in sorted order)
@@ -492,62 +401,50 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
     rows = [r for r in rows if r.get("budget") == budget]
     # One world per report: the latest row's student (micro: `sft-student-<hash>`); older worlds are left out.
     latest = max(rows, key=lambda r: (r.get("time", ""), r["run_id"]), default={})
-    world = [r for r in rows if r.get("student", "") == latest.get("student", "")]
-    runs = [parse(r, cfg.train.lr, Path(leaderboard).parent) for r in world]
+    runs = [parse(r, cfg.train.lr) for r in rows if r.get("student", "") == latest.get("student", "")]
     # The shared rate: the preset's, unless no run used it (a suite run with --set train.lr=...): then the commonest.
     lrs = sorted(r.lr for r in runs if r.lr is not None)
     shared = cfg.train.lr if not lrs or any(math.isclose(x, cfg.train.lr, rel_tol=1e-9) for x in lrs) else \
         max(lrs, key=lambda x: (lrs.count(x), -x))
-    rep = Report(runs, preset, budget or "", shared, cfg.world.kind, cfg.world.hf.student)
-    rep.other_worlds = len(rows) - len(world)
-    out = Path(out)
+    rep = Report(runs, spec, preset, budget or "", shared)
+    rep.other_worlds = len(rows) - len(runs)
+    out, names = Path(out), ["claims", "main", "cost", *spec.get("tables", {}), "best-lr"]
     out.mkdir(parents=True, exist_ok=True)
-    for name in GENERATED:  # what an earlier report wrote and this one may not (a table without data now)
-        for path in out.glob(name):
-            path.unlink()
-    tables = [rep.claims(), rep.main(), rep.cost(), *rep.ablations()] if rep.runs else []
+    for path in [out / f"{t}.{ext}" for t in names for ext in ("md", "tex", "csv")] + [
+            out / f for f in [*spec.get("figures", {}), "README.md"]]:
+        path.unlink(missing_ok=True)  # what an earlier report wrote and this one may not (a table without data now)
+    tables = [t for t in [rep.claims(), rep.main(), rep.cost(), *[rep.table(n, t) for n, t in spec.get(
+        "tables", {}).items()], rep.best_lr()] if t is not None] if rep.runs else []
     for t in tables:
         (out / f"{t.name}.md").write_text(f"## {t.title}\n\n{t.markdown()}\n{t.note}\n")
         (out / f"{t.name}.tex").write_text(t.latex())
         (out / f"{t.name}.csv").write_text(t.csv())
-    from opd_bench.report_figures import figures as draw_figures
-
     figures = draw_figures(rep, out) if rep.runs else []
-    (out / "README.md").write_text(_readme(rep, tables, figures, leaderboard, budgets, command))
-    return sorted(p for p in out.iterdir() if p.is_file())
-
-
-def _readme(rep: Report, tables: list[Table], figures, leaderboard, budgets, command: str) -> str:
-    statuses = {}
-    for r in rep.all:
-        statuses[r.status] = statuses.get(r.status, 0) + 1
-    suites = _suite_lines(rep.all)
-    lines = [f"# opd-bench report: preset `{rep.preset}`, budget {rep.budget or '—'}", "",
-             f"Generated by `{command or 'opd-bench report'}` from `{leaderboard}` (do not edit by hand: "
-             "the same leaderboard gives the same bytes).", "",
-             f"- runs: {len(rep.all)} row{'s' * (len(rep.all) != 1)} of preset `{rep.preset}` at budget {rep.budget} "
-             f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}); "
-             f"{len(rep.runs)} at the shared learning rate {rep.lr:g}"
-             + (f"; other budgets in the file, not shown: {', '.join(b for b in budgets if b != rep.budget)}"
-                if len(budgets) > 1 else "")
+    statuses = {s: sum(r.status == s for r in rep.all) for s in sorted({r.status for r in rep.all})}
+    lines = [f"# opd-bench report: preset `{preset}`, budget {rep.budget or '—'}", "",
+             f"Generated by `{command or 'opd-bench report'}` from `{leaderboard}` and `opd_bench/suites/` (do not "
+             "edit by hand: the same leaderboard gives the same bytes).", "",
+             f"- runs: {len(runs)} row{'s' * (len(runs) != 1)} of preset `{preset}` at budget {rep.budget} "
+             f"({', '.join(f'{n} {s}' for s, n in statuses.items())}); {len(rep.runs)} at the shared learning rate "
+             f"{rep.lr:g}" + (f"; other budgets in the file, not shown: {', '.join(b for b in budgets if b != budget)}"
+                              if len(budgets) > 1 else "")
              + (f"; {rep.other_worlds} rows of an older world (another pi_sft) left out" if rep.other_worlds else ""),
-             f"- charged device time: {sum(r.spent_s for r in rep.all) / 3600:.3g} device-hours; all recorded stages "
-             f"(with evaluations): {sum(sum(r.stages.values()) for r in rep.all) / 3600:.3g} device-hours",
-             f"- how long it took: {_duration(rep.all)}; per suite command under Commands",
-             "- protocol: " + ", ".join(sorted({t for r in rep.all for t in r.scores})) +
-             " (task@version; k and temperature per task are in leaderboard.csv)", "",
-             "## Commands", "", "```"]
-    lines += suites or ["# runs started one by one; each row's `command` column holds its exact command"]
-    lines += [command or "opd-bench report", "```", ""]
+             f"- charged device time: {sum(r.spent_s for r in runs) / 3600:.3g} device-hours; all recorded stages "
+             f"(with evaluations): {sum(sum(r.stages.values()) for r in runs) / 3600:.3g} device-hours",
+             f"- how long it took: {_duration(runs)}; per suite command under Commands",
+             "- protocol: " + ", ".join(sorted({t for r in runs for t in r.scores})) +
+             " (task@version; k and temperature per task are in leaderboard.csv)", "", "## Commands", "", "```",
+             *(_suite_lines(runs) or ["# runs started one by one; each row's `command` column holds its command"]),
+             command or "opd-bench report", "```", ""]
     if not rep.runs:
-        return "\n".join(lines + ["No runs of this preset and budget yet.", ""])
+        lines += ["No runs of this preset and budget yet.", ""]
     for t in tables:
         lines += [f"## {t.title}", "", t.markdown(), t.note, "",
                   f"Files: [{t.name}.md]({t.name}.md), [{t.name}.tex]({t.name}.tex), [{t.name}.csv]({t.name}.csv)", ""]
-    absent = [t for t in ("exopd-lambda", "vopd", "tip", "best-lr") if t not in {x.name for x in tables}]
-    if absent:
-        lines += [f"Not in this report (no runs of their arms, or no swept learning rate): {', '.join(absent)}.", ""]
-    if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{caption}]({name})\n\n*{caption}* ([{name}]({name}))\n" for name, caption in figures]
-    return "\n".join(lines)
+    absent = [n for n in names if n not in {t.name for t in tables}]
+    if absent and rep.runs:
+        lines += [f"Not in this report (fewer than two of their arms have runs, or no swept learning rate): "
+                  f"{', '.join(absent)}.", ""]
+    lines += ["## Figures", ""] * bool(figures) + [f"![{c}]({n})\n\n*{c}* ([{n}]({n}))\n" for n, c in figures]
+    (out / "README.md").write_text("\n".join(lines))
+    return sorted(p for p in out.iterdir() if p.is_file())

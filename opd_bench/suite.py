@@ -1,20 +1,24 @@
-"""`opd-bench suite`: every method under one budget and one protocol, then the report.
+"""`opd-bench suite`: every arm of the preset's suite spec under one budget and one protocol, then the report.
 
-  plan()     the runs, in a fixed order: the core arms for every seed (the six methods, the full-KL arm and
-             the sft-continue control; pi_sft itself is the base evaluation every row records), then the
-             sweeps (ExOPD lambda, TIP rules, vOPD full vs top-k, teacher-inconsistent online and offline),
-             then `--sweep key=a,b,c` (each core method at each value). Each run has a run key (the resolved
-             experiment, `leaderboard.run_key`); duplicates collapse (TIP "all" is standard-opd, lambda 1.25
-             is exopd), and runs whose key is already in the leaderboard are skipped, so an interrupted suite
-             continues where it stopped (a run cut short resumes from its checkpoint: `run --resume`).
-  execute()  builds the shared world and pi_sft's evaluation once (both cached), then runs `opd-bench run`
-             subprocesses, `workers` at a time, one torch thread each, with a progress display; each run's
-             output goes to <runs_dir>/suite-logs/.
+The spec (`opd_bench/suites/<preset>.yaml`, or the spec of the preset it `extends:`) names everything this
+module, the report and the claims know about methods: the core arms, the sweep groups, the report's tables,
+figures and claims. An arm is `{method, params}` (a bare name: no params). A leaderboard row belongs to an arm
+when its method is the arm's, every parameter it changed from the method's defaults is among the arm's params,
+and its params equal the arm's on every param the arm names (`Arm.matches`).
+
+  plan()     the runs, in a fixed order: the core arms for every seed, then (--full) the sweep groups, then
+             `--sweep key=a,b,c` (each core arm at each value). Each run is resolved as `opd-bench run` resolves
+             it (`opd_bench.resolve.resolve_run`), so it has its run key and label; duplicates collapse (an arm
+             of a sweep that is a core run runs once) and runs whose key is in the leaderboard are marked done,
+             so an interrupted suite continues where it stopped (a run cut short resumes: `run --resume`).
+  execute()  runs `opd-bench run` subprocesses, `workers` at a time, one torch thread each, with a progress
+             display; each run's output goes to <runs_dir>/suite-logs/.
 Every run uses the preset's shared learning rate; only `--sweep train.lr=...` changes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,25 +27,79 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opd_bench.errors import UserError
+import yaml
 
-CORE = ("standard-opd", "lightning-opd", "inconsistent-offline", "exopd", "vopd", "tip", "full-kl", "sft-continue")
+from opd_bench.errors import UserError, did_you_mean
+
+SUITES = Path(__file__).parent / "suites"
 ALIASES = {"lr": "train.lr"}  # --sweep lr=... is --sweep train.lr=...
 
 
-def sweeps(world_kind: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(group, method, overrides) of the ablations, beyond the core arms."""
-    top_k = 10 if world_kind == "micro" else 100  # the paper's k=100 is ~0.1% of a 150k vocabulary; micro has ~100
-    return [
-        *[("exopd-lambda", "exopd", (f"method.lam={lam}",)) for lam in (1.0, 1.25, 1.5)],
-        ("tip-rules", "standard-opd", ()),  # rule "all": TIP's baseline is standard OPD
-        *[("tip-rules", "tip", (f"method.tokens={rule}", "method.fraction=0.5")) for rule in ("entropy", "soft-or")],
-        ("tip-rules", "tip", ("method.tokens=q3",)),
-        ("vopd-baseline", "vopd", ()),
-        ("vopd-baseline", "vopd", (f"method.top_k={top_k}",)),
-        ("teacher-consistency", "inconsistent-offline", ()),
-        ("teacher-consistency", "standard-opd", ("method.teacher=inconsistent",)),
-    ]
+# ----------------------------------------------------------------------------- the spec
+
+
+@dataclass
+class Arm:
+    method: str
+    params: dict = field(default_factory=dict)
+
+    def matches(self, run) -> bool:
+        """`run` has .method, .params (all resolved) and .changed (those that differed from the defaults)."""
+        return run.method == self.method and set(run.changed) <= set(self.params) and \
+            all(k in run.params and run.params[k] == v for k, v in self.params.items())
+
+    @property
+    def name(self) -> str:
+        """The arm as the spec names it, e.g. 'tip [rule=q3,loss=reverse-kl]' (rows show their own label)."""
+        return self.method + (f" [{','.join(f'{k}={_text(v)}' for k, v in self.params.items())}]"
+                              if self.params else "")
+
+    def overrides(self) -> tuple[str, ...]:
+        return tuple(f"method.params.{k}={_text(v)}" for k, v in self.params.items())
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def arm(entry) -> Arm:
+    """An arm from the spec: a method name, or {method: NAME, params: {...}}."""
+    if isinstance(entry, str):
+        return Arm(entry)
+    if not isinstance(entry, dict) or set(entry) - {"method", "params"} or "method" not in entry:
+        raise UserError(f"bad arm {entry!r} in a suite spec: expected a method name or {{method: ..., params: ...}}")
+    return Arm(entry["method"], dict(entry.get("params") or {}))
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_spec(preset: str, seen: tuple[str, ...] = ()) -> dict:
+    """The preset's suite spec (mappings deep-merged over the spec it `extends:`, lists replaced). A preset
+    without a spec of its own uses the spec of the preset it extends."""
+    path = SUITES / f"{preset}.yaml"
+    if not path.exists():
+        from opd_bench.config import PRESET_DIR
+
+        parent = (yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text()) or {}).get("extends") \
+            if (PRESET_DIR / f"{preset}.yaml").exists() else None
+        if not parent:
+            names = sorted(p.stem for p in SUITES.glob("*.yaml"))
+            raise UserError(f"no suite spec for preset {preset!r}{did_you_mean(preset, names)}: add "
+                            f"opd_bench/suites/{preset}.yaml (it may `extends:` another spec)")
+        return load_spec(parent, seen + (preset,))
+    data = yaml.safe_load(path.read_text()) or {}
+    parent = data.pop("extends", None)
+    if parent in seen + (preset,):
+        raise UserError(f"suite spec {preset!r} extends itself through {' -> '.join(seen + (preset,))}")
+    return _merge(load_spec(parent, seen + (preset,)), data) if parent else data
+
+
+# ----------------------------------------------------------------------------- the plan
 
 
 @dataclass
@@ -49,21 +107,22 @@ class RunSpec:
     group: str
     method: str
     seed: int
-    budget: str
+    budget: str | None
     overrides: tuple[str, ...] = ()
     key: str = ""
     done: bool = False
+    name: str = ""  # the run's label as resolved (e.g. 'exopd [lam=1.5]')
 
     @property
     def label(self) -> str:
         extra = ",".join(o.split(".", 1)[-1] for o in self.overrides if not o.startswith("eval.workers"))
-        return f"{self.method}{f'[{extra}]' if extra else ''} s{self.seed}"
+        return f"{self.name or self.method + (f' [{extra}]' if extra else '')} s{self.seed}"
 
     def argv(self, preset: str, common: tuple[str, ...]) -> list[str]:
         sets = [arg for o in (*common, *self.overrides) for arg in ("--set", o)]
         # --resume: a run cut short by an interrupted suite continues from its checkpoint instead of starting over
-        return ["run", "--method", self.method, "--budget", self.budget, "--preset", preset, "--seed", str(self.seed),
-                "--resume", *sets]
+        return ["run", "--method", self.method, "--budget", str(self.budget), "--preset", preset, "--seed",
+                str(self.seed), "--resume", *sets]
 
 
 def parse_sweep(texts: list[str] | None) -> dict[str, list[str]]:
@@ -78,37 +137,31 @@ def parse_sweep(texts: list[str] | None) -> dict[str, list[str]]:
     return out
 
 
-def resolved(preset: str, spec: RunSpec, common: tuple[str, ...]):
-    """The config and axes `opd-bench run` will resolve for this spec (the same calls, in the same order)."""
-    from opd_bench.budget import parse_budget
-    from opd_bench.config import load_config
-    from opd_bench.method import resolve
+def resolve(preset: str, method: str, *, seed: int, budget: str | None, overrides: list[str]):
+    """What `opd-bench run` resolves for these arguments (tests replace this function)."""
+    from opd_bench.resolve import resolve_run
 
-    cfg = load_config(preset, [*common, *spec.overrides, f"method.name={spec.method}", f"seed={spec.seed}"])
-    _, ax = resolve(cfg, spec.method)
-    budget = parse_budget(spec.budget)
-    return cfg.model_copy(update={"method": ax, "budget": budget.spec}), ax
+    return resolve_run(preset, method, seed=seed, budget=budget, overrides=overrides)
 
 
 def plan(preset: str, *, seeds: int, budget: str | None = None, core: bool = False, sweep: dict | None = None,
          common: tuple[str, ...] = (), finished: set[str] = frozenset(),
          methods: tuple[str, ...] = ()) -> tuple[list[RunSpec], list[str]]:
-    """The suite's runs (deduplicated by run key, finished ones marked done) and notes on arms left out;
+    """The suite's runs (deduplicated by run key, finished ones marked done) and notes on runs left out;
     `methods` keeps only those methods' runs."""
-    from opd_bench.budget import parse_budget
     from opd_bench.config import load_config
-    from opd_bench.leaderboard import run_key
 
-    base = load_config(preset, list(common))
-    spec_budget = parse_budget(budget or base.budget).spec
-    first = base.seed
+    spec = load_spec(preset)
+    first = load_config(preset, list(common)).seed
     seed_list = list(range(first, first + seeds))
-    specs = [RunSpec("core", m, s, spec_budget) for s in seed_list for m in CORE]
+    core_arms = [arm(a) for a in spec.get("core", [])]
+    specs = [RunSpec("core", a.method, s, budget, a.overrides()) for s in seed_list for a in core_arms]
     if not core:
-        specs += [RunSpec(g, m, s, spec_budget, o) for s in seed_list for g, m, o in sweeps(base.world.kind)]
+        specs += [RunSpec(group, a.method, s, budget, a.overrides()) for s in seed_list
+                  for group, arms in (spec.get("sweeps") or {}).items() for a in map(arm, arms)]
     for key, values in (sweep or {}).items():
-        specs += [RunSpec(f"sweep:{key}", m, s, spec_budget, (f"{key}={v}",)) for v in values for s in seed_list
-                  for m in CORE]
+        specs += [RunSpec(f"sweep:{key}", a.method, s, budget, (*a.overrides(), f"{key}={v}")) for v in values
+                  for s in seed_list for a in core_arms]
     if methods:
         from opd_bench.registry import METHODS
 
@@ -116,18 +169,28 @@ def plan(preset: str, *, seeds: int, budget: str | None = None, core: bool = Fal
             METHODS.get(m)  # an unknown name is a one-line error with a did-you-mean
         specs = [s for s in specs if s.method in methods]
     out, seen, notes = [], set(), []
-    for spec in specs:
-        cfg, ax = resolved(preset, spec, common)
-        if ax.teacher == "inconsistent" and cfg.world.kind == "hf" and not cfg.world.hf.teacher_b:
-            note = f"{spec.label}: left out, needs a second teacher (--set world.hf.teacher_b=...)"
-            notes += [note] if note not in notes else []
+
+    def note(text: str) -> None:
+        notes.extend([text] if text not in notes else [])
+
+    for run in specs:
+        try:
+            r = resolve(preset, run.method, seed=run.seed, budget=budget, overrides=[*common, *run.overrides])
+        except UserError as exc:
+            if not run.group.startswith("sweep:"):
+                raise
+            note(f"{run.label.rsplit(' s', 1)[0]}: left out of the sweep ({exc})")  # e.g. a param it lacks
             continue
-        spec.key = run_key(cfg, ax, spec.budget)
-        if spec.key in seen:
+        run.name, run.budget = r.label, r.budget.spec
+        if r.uses_teacher_b and r.cfg.world.kind == "hf" and not r.cfg.world.hf.teacher_b:
+            note(f"{r.label}: left out, needs a second teacher (--set world.hf.teacher_b=...)")
             continue
-        seen.add(spec.key)
-        spec.done = spec.key in finished
-        out.append(spec)
+        run.key = r.key
+        if run.key in seen:
+            continue
+        seen.add(run.key)
+        run.done = run.key in finished
+        out.append(run)
     return out, notes
 
 
@@ -166,13 +229,15 @@ def execute(specs: list[RunSpec], preset: str, common: tuple[str, ...], *, worke
     """Run the specs as `opd-bench run` subprocesses, `workers` at a time (each in its own process group,
     so Ctrl-C stops exactly the runs this suite started)."""
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
 
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPD_BENCH_QUIET": "1", "OPD_BENCH_SUITE_COMMAND": suite_command}
     pending, running, outcomes = list(specs), {}, []
     quiet = bool(os.environ.get("OPD_BENCH_QUIET")) or not sys.stderr.isatty()
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         overall = progress.add_task(f"suite ({workers} workers)", total=len(specs))
         try:
@@ -191,7 +256,8 @@ def execute(specs: list[RunSpec], preset: str, common: tuple[str, ...], *, worke
                     tail = log.read_text(errors="replace").splitlines()[-5:] if proc.returncode else []
                     outcomes.append(Outcome(spec, proc.returncode, time.perf_counter() - start, log, tail))
                     progress.advance(overall)
-                    verdict = "done" if proc.returncode == 0 else f"[red]failed (exit {proc.returncode})[/red], see {log}"
+                    verdict = "done" if proc.returncode == 0 else \
+                        f"[red]failed (exit {proc.returncode})[/red], see {log}"
                     progress.console.print(f"{escape(spec.label)}: {verdict} in {outcomes[-1].seconds:.0f} s")
                 time.sleep(0.5)
         except KeyboardInterrupt:
