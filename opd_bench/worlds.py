@@ -19,6 +19,7 @@ class WorldModels:
     teacher_a: str
     teacher_b: str | None
     costs: list[StageCost] = field(default_factory=list)
+    sft_data: str | None = None  # the folder of pi_sft's own SFT data (the micro world's sft-data stage), if known
 
 
 def load_world(cfg: RunConfig) -> WorldModels:
@@ -27,7 +28,8 @@ def load_world(cfg: RunConfig) -> WorldModels:
 
         # The world is shared by every run of the preset: built with world.seed, never with the run's seed.
         w = prepare(cfg.model_copy(update={"seed": cfg.world.seed}))
-        return WorldModels(str(w.tokenizer), str(w.sft_student), str(w.teacher_a), str(w.teacher_b), w.costs)
+        return WorldModels(str(w.tokenizer), str(w.sft_student), str(w.teacher_a), str(w.teacher_b), w.costs,
+                           sft_data=str(w.sft_data))
     if cfg.world.kind == "hf":
         hf = cfg.world.hf
         missing = [k for k in ("sft_student", "teacher", "prompts") if not getattr(hf, k)]
