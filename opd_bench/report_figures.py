@@ -4,6 +4,7 @@ device time, band = std over seeds), `param` (a metric vs one param of the arms,
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from opd_bench.claims import mean_curve
@@ -63,7 +64,7 @@ def figures(rep: Report, out: Path) -> list[tuple[str, str]]:
                 sns.barplot(df, x="arm", y=c["metric"], errorbar="sd", ax=ax, hue="arm", legend=False)
                 ax.set(xlabel="", ylabel=c["label"])
                 ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-            fig.suptitle(f.get("title", ""), fontsize=11)
+            fig.suptitle(textwrap.fill(f.get("title", ""), int(10 * fig.get_figwidth())), fontsize=11)
         if fig is not None:
             fig.tight_layout()
             fig.savefig(out / name, dpi=110, metadata={"Software": None})
