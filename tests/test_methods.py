@@ -168,7 +168,7 @@ def test_method_lowers_reverse_kl_to_its_teacher(held_out, method, overrides):
                                 "eval.n_per_split=1", *overrides])
     metrics = run(cfg, method, "30s")
     w = held_out["world"]
-    teacher = w.teacher_b if metrics["params"]["teacher"] == "inconsistent" else w.teacher_a
+    teacher = w.teacher_b if metrics["params"].get("teacher") == "inconsistent" else w.teacher_a
     before = held_out["before"].setdefault(teacher, held_out["kl"](w.student, teacher))
     after = held_out["kl"](Path(cfg.runs_dir) / metrics["run_id"] / "model", teacher)
     print(f"\nKL[{method} {' '.join(overrides)}] before {before:.3f} after {after:.3f} "

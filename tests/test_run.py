@@ -36,7 +36,7 @@ def test_run_writes_a_run_folder_a_balanced_ledger_and_a_leaderboard_row(tmp_pat
                  "model/config.json", "model/tokenizer.json", "eval/micro-math-v1/samples.jsonl"):
         assert (run_dir / name).exists(), name
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["method"]["rollouts"] == "offline" and config["seed"] == 3 and config["budget"] == "20s"
+    assert config["method"]["params"]["rollouts"] == "offline" and config["seed"] == 3 and config["budget"] == "20s"
 
     # The ledger sums its stages; the charged ones are exactly what the budget counted.
     ledger = json.loads((run_dir / "ledger.json").read_text())
