@@ -16,8 +16,8 @@ from opd_bench.registry import METHODS
 from opd_bench.resolve import resolve
 
 torch.set_num_threads(1)
-BUILT_IN = ["clipped-opd", "exopd", "full-kl", "inconsistent-offline", "lightning-opd", "sft-continue", "standard-opd",
-            "tip", "vopd"]
+BUILT_IN = ["clipped-opd", "dagger-sft", "exopd", "full-kl", "inconsistent-offline", "lightning-opd", "sft-continue",
+            "sft-reuse", "standard-opd", "tip", "vopd"]
 
 
 def _resolve(method, overrides=()):

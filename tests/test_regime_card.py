@@ -189,8 +189,11 @@ def test_micro_v1_resolves_to_todays_micro_world():
     assert "extends" not in yaml.safe_load((ROOT / "opd_bench" / "presets" / "micro-v1.yaml").read_text())
 
 
-def test_todays_micro_is_micro_v1():
-    """Holds until the new micro world lands (issue #16); then this test goes and the one above stays."""
+def test_todays_micro_is_micro_v1_on_the_modeled_clock():
+    """The same world as micro-v1 until the new micro world lands (issue #16; then this test goes and the one
+    above stays); micro's budget is on the modeled clock (issue #17), micro-v1 keeps its 2-minute wall budget."""
     micro, v1 = load_config("micro"), load_config("micro-v1")
     assert _stage_names(micro) == _stage_names(v1)
-    assert micro.model_dump(exclude={"preset"}) == v1.model_dump(exclude={"preset"})
+    assert (micro.budget, micro.budget_clock, v1.budget, v1.budget_clock) == ("1ms", "modeled", "2m", "wall")
+    assert micro.model_dump(exclude={"preset", "budget", "budget_clock"}) == \
+        v1.model_dump(exclude={"preset", "budget", "budget_clock"})
