@@ -3,6 +3,7 @@ and the modeled clock (the same budget, the same steps, whatever the machine's l
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 
@@ -273,3 +274,35 @@ def test_real_training_on_the_modeled_clock_makes_the_same_steps_under_load(tmp_
     assert [s["modeled_seconds"] for s in busy] == [s["modeled_seconds"] for s in free[:4]]
     assert [s["flops"] for s in busy] == [s["flops"] for s in free[:4]]
     assert busy[-1]["device_seconds"] > free[3]["device_seconds"]  # measured, beside the modeled
+
+
+@pytest.mark.slow
+def test_two_runs_beside_and_without_a_busy_process_make_the_same_steps(tmp_path):
+    """`opd-bench run` on the smoke world with a modeled budget, once on a quiet machine and once beside a process
+    that keeps a core busy: the same number of steps and the same modeled spend; both rows record the measured
+    device time beside the modeled one."""
+    import subprocess
+    import sys
+
+    from opd_bench.leaderboard import read_rows
+
+    def run(name: str) -> dict:
+        board = tmp_path / f"{name}.csv"
+        subprocess.run([sys.executable, "-m", "opd_bench.cli", "run", "--method", "standard-opd", "--preset", "smoke",
+                        "--budget", "0.0004ms:modeled", "--set", f"runs_dir={tmp_path}/{name}", "--set",
+                        f"leaderboard={board}", "--set", "train.max_steps=100", "--set", "eval.curve=[]", "--set",
+                        "eval.tasks=[micro-math]", "--set", "eval.n_per_split=1"], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return read_rows(board)[0]
+
+    quiet = run("quiet")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded = run("loaded")
+    finally:
+        busy.kill()
+    assert quiet["stopped_by"] == loaded["stopped_by"] == "budget"
+    assert 2 <= int(quiet["steps"]) == int(loaded["steps"]) < 100
+    assert float(quiet["spent_modeled_s"]) == pytest.approx(float(loaded["spent_modeled_s"]), rel=1e-9)
+    assert quiet["budget_clock"] == loaded["budget_clock"] == "modeled"
+    assert float(quiet["spent_device_s"]) > 0 and float(loaded["spent_device_s"]) > 0
