@@ -4,6 +4,7 @@ and the modeled clock (the same budget, the same steps, whatever the machine's l
 from __future__ import annotations
 
 import os
+
 import pytest
 import torch
 
