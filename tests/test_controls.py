@@ -17,98 +17,10 @@ import pytest
 import torch
 
 from opd_bench.config import load_config
+from test_method_math import _check, _close, _grad, _through_trainer, env  # noqa: F401 (env: the shared fixture)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from opd_bench.models import load_model, load_tokenizer
-    from opd_bench.worlds import load_world, training_prompts
-
-    tmp = tmp_path_factory.mktemp("controls")
-    base = [f"runs_dir={tmp}", "world.hf.dtype=float64", "train.batch_size=8"]
-    cfg = load_config("smoke", base)
-    world = load_world(cfg)
-    tokenizer = load_tokenizer(world.tokenizer)
-    prompts = training_prompts(cfg, 8, "controls")
-    env = {"base": base, "cfg": cfg, "world": world, "tokenizer": tokenizer, "tmp": tmp,
-           "load": lambda path: load_model(path, cfg)}
-    generator = _trainer(env, "full-kl")
-    torch.manual_seed(0)
-    batch = generator._generate_and_score_completions([{"prompt": [{"role": "user", "content": p}]} for _, p in prompts])
-    env["batch"] = {k: v for k, v in batch.items() if k in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                             "completion_mask", "num_items_in_batch")}
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    n = batch["completion_ids"].shape[1]
-    env["tokens"], env["mask"] = batch["completion_ids"], batch["completion_mask"].bool()
-    assert env["mask"].sum() > 20 and (~env["mask"]).any()  # some padding: the mask matters
-
-    def logits(model):  # the reference's own forward: full logits at the positions predicting the completion
-        out = model(input_ids=ids, attention_mask=attention).logits[:, -n - 1:-1]
-        assert out.dtype == torch.float64
-        return out
-
-    env["logits"] = logits
-    with torch.no_grad():
-        env["T"] = logits(env["load"](world.teacher_a))
-    return env
-
-
-def _trainer(env, method, overrides=()):
-    from datasets import Dataset
-
-    from opd_bench.logprobs import use_chunked
-    from opd_bench.resolve import resolve
-    from opd_bench.trainer import OPDTrainer, opd_args
-    from opd_bench.training import teacher_of
-
-    r = resolve(load_config("smoke", [*env["base"], *overrides]), method)
-    world = env["world"]
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1"}]] * 8})
-    return OPDTrainer(model=env["load"](world.student), teacher_model=env["load"](teacher_of(r, world)),
-                      args=opd_args(r.cfg, r.data, env["tmp"] / "work"), train_dataset=data,
-                      processing_class=env["tokenizer"], method=r.method, params=r.params, data=r.data,
-                      chunked=use_chunked(r.cfg))
-
-
-def _through_trainer(env, method, overrides=()):
-    trainer = _trainer(env, method, overrides)
-    batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in env["batch"].items()}
-    batch = trainer.score_batch(batch)
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return loss.detach(), _grad(trainer.model), trainer
-
-
-def _grad(model):
-    return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-                      for p in model.parameters()])
-
-
-def _reference(env, model, loss_fn):
-    model.zero_grad()
-    value, surrogate = loss_fn(env["logits"](model))
-    surrogate.backward()
-    return value.detach(), _grad(model)
-
-
-def _close(loss, grad, value, ref_grad, tol=1e-9):
-    assert grad.abs().max() > 0
-    scale = max(1.0, ref_grad.abs().max().item())
-    assert abs(loss.item() - value.item()) <= tol * max(1.0, abs(value.item())), (loss.item(), value.item())
-    assert (grad - ref_grad).abs().max().item() <= tol * scale, (grad - ref_grad).abs().max().item()
-
-
-def _check(env, method, overrides, formula, tol=1e-9):
-    loss, grad, trainer = _through_trainer(env, method, overrides)
-    value, ref_grad = _reference(env, env["load"](env["world"].student), formula)
-    _close(loss, grad, value, ref_grad, tol)
-    return loss, trainer
 
 
 # --- the formulas -------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def env(tmp_path_factory):
 def _trainer(env, method, overrides=()):
     from datasets import Dataset
 
+    from opd_bench.logprobs import use_chunked
     from opd_bench.resolve import resolve
     from opd_bench.trainer import OPDTrainer, opd_args
     from opd_bench.training import reference_of, teacher_of
@@ -71,7 +72,7 @@ def _trainer(env, method, overrides=()):
     return OPDTrainer(model=env["load"](world.student), teacher_model=env["load"](teacher_of(r, world)) if online else None,
                       args=opd_args(r.cfg, r.data, env["tmp"] / "work"), train_dataset=data,
                       processing_class=env["tokenizer"], method=r.method, params=r.params, data=r.data,
-                      ref_model=env["load"](reference) if reference and online else None)
+                      ref_model=env["load"](reference) if reference and online else None, chunked=use_chunked(r.cfg))
 
 
 def _through_trainer(env, method, overrides=(), extra=None):
@@ -84,7 +85,7 @@ def _through_trainer(env, method, overrides=(), extra=None):
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    return loss.detach(), _grad(trainer.model), trainer.model
+    return loss.detach(), _grad(trainer.model), trainer
 
 
 def _grad(model):
@@ -130,16 +131,19 @@ def _top(score, mask, fraction):
     return torch.from_numpy(out.reshape(mask.shape))
 
 
-def _check(env, method, overrides, formula, extra=None, tol=1e-9):
-    """The trainer's loss and gradient equal the reference formula's; returns both losses."""
-    loss, grad, model = _through_trainer(env, method, overrides, extra)
-    ref_model = env["load"](env["world"].student)
-    value, ref_grad = _reference(env, ref_model, formula)
+def _close(loss, grad, value, ref_grad, tol=1e-9):
     assert grad.abs().max() > 0
     scale = max(1.0, ref_grad.abs().max().item())
     assert abs(loss.item() - value.item()) <= tol * max(1.0, abs(value.item())), (loss.item(), value.item())
     assert (grad - ref_grad).abs().max().item() <= tol * scale, (grad - ref_grad).abs().max().item()
-    return loss, value
+
+
+def _check(env, method, overrides, formula, extra=None, tol=1e-9):
+    """The trainer's loss and gradient equal the reference formula's; returns the loss and the trainer."""
+    loss, grad, trainer = _through_trainer(env, method, overrides, extra)
+    value, ref_grad = _reference(env, env["load"](env["world"].student), formula)
+    _close(loss, grad, value, ref_grad, tol)
+    return loss, trainer
 
 
 # --- the formulas, one per method (reference/methods.md) ----------------------------------------------------------
