@@ -183,6 +183,8 @@ class Report:
     def stat(runs: list[Run], name: str) -> Stat:
         return Stat.of(metric(r, name) for r in runs)
 
+    metric = staticmethod(metric)  # for report_figures, which draws from a Report and imports nothing of this module
+
     def cells(self, name: str, runs: list[Run], cols: list[dict]) -> tuple[list, dict]:
         """One table row: display cells and CSV values for columns {metric, label, format} or {param, label}."""
         cells, raw = [name], {"arm": name}

@@ -8,11 +8,12 @@ import textwrap
 from pathlib import Path
 
 from opd_bench.claims import mean_curve
-from opd_bench.report import Report, metric
 from opd_bench.suite import arm
 
 
-def figures(rep: Report, out: Path) -> list[tuple[str, str]]:
+def figures(rep, out: Path) -> list[tuple[str, str]]:
+    """`rep`: a report.Report (passed in, so this module does not import report.py, which calls it)."""
+    metric = rep.metric
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +48,7 @@ def figures(rep: Report, out: Path) -> list[tuple[str, str]]:
             fig, ax = plt.subplots(figsize=(7, 4))
             sns.lineplot(pd.DataFrame(data, columns=["x", "acc"]), x="x", y="acc", errorbar="sd", err_style="bars",
                          marker="o", ax=ax, label=groups[0][1][0].method)
-            ref = Report.stat(rep.of(f["reference"]), y) if f.get("reference") else None
+            ref = rep.stat(rep.of(f["reference"]), y) if f.get("reference") else None
             if ref and ref.mean is not None:
                 ax.axhline(100 * ref.mean, color="gray", linestyle="--", label=rep.name(f["reference"]))
             ax.set(xlabel=f.get("xlabel", f["param"]), ylabel="accuracy, mean over tasks (%)", title=f.get("title", ""))
