@@ -89,9 +89,39 @@ class Eval(Section):
     n_per_split_curve: int | None = Field(None, ge=1, description="problems per split of the evaluations at "
                                           "25/50/75% of the budget (None: n_per_split)")
     backend: Literal["hf", "vllm"] = Field("hf", description="generation backend of evaluations and offline "
-                                           "sampling (rollouts, teacher samples); vllm: GPU extra")
+                                           "sampling (rollouts, teacher samples); vllm: GPU extra, each engine in "
+                                           "a child process (its memory returned when it ends), settings in vllm.*")
     curve: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75], description="budget fractions "
                                "evaluated during training (their cost is recorded, not charged)")
+
+
+class VLLM(Section):
+    """vLLM engines (GPU extra). Training rollouts (train.vllm): TRL's engine, colocated in the training processes
+    or a `trl vllm-serve` server. Evaluations, offline rollouts and teacher samples (eval.backend=vllm): one engine
+    per rank in a child process, ended before the next stage loads models. Curve evaluations (25/50/75%) reuse
+    the trainer's colocated engine when it holds one (no second engine beside the trainer). The planner's Layout
+    reads the same values: gpu_memory_utilization = vllm_memory, tensor_parallel = vllm_tp, sleep = vllm_sleep,
+    eval_gpu_memory_utilization = eval_vllm_memory, eval_tensor_parallel = eval_tp."""
+
+    mode: Literal["colocate", "server"] = Field("colocate", description="training rollouts: an engine inside each "
+                                                "training process (colocate) or a `trl vllm-serve` server")
+    tensor_parallel: int = Field(1, ge=1, description="colocated engine's tensor parallel size (divides the "
+                                 "number of training processes)")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocated engine's share of each "
+                                          "training GPU (TRL's default 0.3)")
+    sleep: bool = Field(False, description="colocated engine sleeps (weights and KV cache freed) between "
+                        "generations, so the optimizer step gets its memory")
+    max_model_len: int | None = Field(None, ge=1, description="longest prompt + completion an engine accepts "
+                                      "(None: the model's own limit); curve evaluations on the colocated engine "
+                                      "are clamped to it")
+    server_host: str = Field("0.0.0.0", description="mode=server: host of `trl vllm-serve` (TRL's default)")
+    server_port: int = Field(8000, ge=1, le=65535, description="mode=server: its port")
+    server_timeout: float = Field(240.0, gt=0, description="mode=server: seconds to wait for the server")
+    eval_tensor_parallel: int = Field(1, ge=1, description="engines outside training (evaluation, offline "
+                                      "rollouts, teacher samples): tensor parallel size, GPUs per engine")
+    eval_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="engines outside training: share "
+                                               "of each GPU (they have the GPU to themselves)")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: faster start, slower decoding (tests)")
 
 
 class MethodChoice(Section):
@@ -147,6 +177,7 @@ class RunConfig(Section):
     method: MethodChoice = Field(default_factory=MethodChoice)
     train: Train = Field(default_factory=Train)
     eval: Eval = Field(default_factory=Eval)
+    vllm: VLLM = Field(default_factory=VLLM)
 
     def fingerprint(self, *sections: str) -> str:
         """A short hash of the named sections, for stage-cache keys."""

@@ -3,6 +3,11 @@
 Writes `samples.jsonl` (one record per sample: prompt, completion, extracted answer, verdict) and
 `metrics.json` (avg@k, unbiased pass@k, per split, with the card's version and protocol) into the
 output folder, and returns the metrics.
+
+backend "vllm": the samples come from the trainer's colocated engine when one is held in this process and can run
+the model (the 25/50/75% curve evaluations: no second engine beside the trainer), else from an engine in a child
+process that has ended (memory returned) when `evaluate` returns; `metrics["engine"]` says which, with the count of
+requests clamped to the engine's max_model_len. `vllm`: the config's `vllm` section (None: the defaults).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from opd_bench.tasks import TaskCard
 
 def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_per_split: int | None = None,
              batch_size: int = 128, workers: int = 1, seed: int = 0, k: int | None = None,
-             max_new_tokens: int | None = None, temperature: float | None = None, backend: str = "hf") -> dict:
+             max_new_tokens: int | None = None, temperature: float | None = None, backend: str = "hf",
+             vllm=None) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = card.load_problems(n_per_split)
@@ -28,8 +34,9 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
                             top_p=card.top_p,
                             max_new_tokens=max_new_tokens or card.max_new_tokens, seed=seed)
     prompts = [card.render_prompt(p) for p in problems]
+    engine: dict = {}
     completions = generate(model_dir, prompts, params, batch_size=batch_size, workers=workers,
-                           desc=f"eval {card.name}", backend=backend)
+                           desc=f"eval {card.name}", backend=backend, vllm=vllm, info=engine)
     scorer = SCORERS[card.scorer]
     jobs = [(p, prompt, i, c) for p, prompt, cs in zip(problems, prompts, completions) for i, c in enumerate(cs)]
     # Code scoring waits on subprocesses, so threads overlap it; math scoring is fast either way.
@@ -41,6 +48,8 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
                for (p, prompt, i, c), v in zip(jobs, verdicts)]
     metrics = {"task": card.tag, "protocol": params_protocol(card, params), **aggregate(records),
                "generated_tokens": sum(r["completion_tokens"] for r in records)}
+    if backend == "vllm":
+        metrics["engine"] = engine
     _write_jsonl(out_dir / "samples.jsonl", records)
     _write_json(out_dir / "metrics.json", metrics)
     return metrics

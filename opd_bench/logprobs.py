@@ -54,6 +54,18 @@ def sampled_logps(model, hidden: torch.Tensor, tokens: torch.Tensor, temperature
     return logp.view(tokens.shape), (ent.detach().view(tokens.shape) if with_entropy else None)
 
 
+EXACT_CHUNK_TOKENS = 256  # float64 chunked scoring: (256, V) logits at a time
+
+
+def _exact_chunked_logps(model, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float64 (exactness tests): dense per-token math, on EXACT_CHUNK_TOKENS positions at a time. TRL's kernel
+    accumulates in float32, which would cost the float64 tests their 1e-12."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    out = [S.token_logps(head_logits(model, flat_h[i:i + EXACT_CHUNK_TOKENS], temperature),
+                         flat_t[i:i + EXACT_CHUNK_TOKENS]) for i in range(0, flat_h.shape[0], EXACT_CHUNK_TOKENS)]
+    return torch.cat(out).view(tokens.shape)
+
+
 @torch.no_grad()
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature: float = 1.0,
                      chunked: bool = False, rows: int = 8) -> torch.Tensor:
@@ -62,6 +74,8 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     Sequences are scored `rows` at a time, sorted by length with each group's padding trimmed (padding does
     not change a causal LM's outputs, only its cost: ~20% of the teacher's forward on micro batches). One
     function for the online trainer and the offline `teacher_logps` stage, so both give the same numbers.
+    chunked: never the (rows, tokens, V) logits: TRL's chunked kernel (float64 models: the dense math on
+    EXACT_CHUNK_TOKENS positions at a time); the offline precompute always scores chunked.
     """
     p_len, c_len = prompt_mask.sum(1), completion_mask.sum(1)
     out = torch.zeros(completion_ids.shape, dtype=torch.float64 if model.dtype == torch.float64 else torch.float32,
@@ -73,7 +87,10 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
         ids = torch.cat([prompt_ids[idx, -p:], completion_ids[idx, :c]], 1)
         mask = torch.cat([prompt_mask[idx, -p:], completion_mask[idx, :c]], 1)
         h = hidden_states(model, ids, mask, c)
-        out[idx, :c] = sampled_logps(model, h, completion_ids[idx, :c], temperature, chunked)[0].to(out.dtype)
+        if chunked and h.dtype == torch.float64:
+            out[idx, :c] = _exact_chunked_logps(model, h, completion_ids[idx, :c], temperature)
+        else:
+            out[idx, :c] = sampled_logps(model, h, completion_ids[idx, :c], temperature, chunked)[0].to(out.dtype)
     return out.masked_fill(~completion_mask.bool(), 0.0)
 
 

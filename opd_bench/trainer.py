@@ -357,5 +357,8 @@ def opd_args(cfg: RunConfig, data: Data, out_dir: Path, n_rows: int | None = Non
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu and t.gradient_checkpointing,  # see trl.md
         logging_steps=t.logging_steps, save_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, shuffle_dataset=True,
-        use_vllm=t.vllm and not offline, vllm_mode="colocate",
+        use_vllm=t.vllm and not offline, vllm_mode=cfg.vllm.mode, vllm_tensor_parallel_size=cfg.vllm.tensor_parallel,
+        vllm_gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, vllm_enable_sleep_mode=cfg.vllm.sleep,
+        vllm_max_model_length=cfg.vllm.max_model_len, vllm_server_host=cfg.vllm.server_host,
+        vllm_server_port=cfg.vllm.server_port, vllm_server_timeout=cfg.vllm.server_timeout,
     )

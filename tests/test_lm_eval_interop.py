@@ -139,51 +139,7 @@ def test_cli_eval_runs_real_tasks_end_to_end(tiny_model, tmp_path):
         assert metrics["protocol"]["max_new_tokens"] == 8 and metrics["k"] == K
 
 
-def fake_vllm():
-    """A stand-in for the vllm module (no GPU here): records requests, answers deterministically."""
-    import types
-
-    class SamplingParams:
-        def __init__(self, n=1, temperature=1.0, top_p=1.0, max_tokens=16, seed=None, skip_special_tokens=True,
-                     prompt_logprobs=None):
-            self.n, self.temperature, self.prompt_logprobs = n, temperature, prompt_logprobs
-
-    class LLM:
-        def __init__(self, model, seed=0, dtype="auto"):
-            self.model = model
-
-        def generate(self, prompts, sampling, use_tqdm=False):
-            outputs = []
-            for prompt in prompts:
-                ids = prompt["prompt_token_ids"]
-                plp = [None] + [{t: types.SimpleNamespace(logprob=-float(i))} for i, t in enumerate(ids) if i]
-                samples = [types.SimpleNamespace(text=f"s{j}", token_ids=[7, j]) for j in range(sampling.n)]
-                outputs.append(types.SimpleNamespace(outputs=samples, prompt_logprobs=plp))
-            return outputs
-
-    module, inputs = types.ModuleType("vllm"), types.ModuleType("vllm.inputs")
-    module.LLM, module.SamplingParams, module.inputs, inputs.TokensPrompt = LLM, SamplingParams, inputs, dict
-    return module, inputs
-
-
-def test_vllm_backend_glue_with_a_fake_vllm(monkeypatch, tiny_model):
-    from opd_bench import vllm_backend
-    from opd_bench.generation import SamplingParams, generate
-
-    module, inputs = fake_vllm()
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    vllm_backend.release()
-    try:
-        greedy = generate(tiny_model, ["1+1", "2+2"], SamplingParams(n=3, temperature=0.0), backend="vllm")
-        assert [[c.text for c in cs] for cs in greedy] == [["s0"] * 3] * 2  # one greedy sample, repeated
-        assert greedy[0][0].token_ids == [7, 0] and greedy[0][0].prompt_ids  # chat-templated prompt ids
-        sampled = generate(tiny_model, ["1+1"], SamplingParams(n=2, temperature=1.0), backend="vllm")
-        assert [c.text for c in sampled[0]] == ["s0", "s1"]
-        logprobs = vllm_backend.teacher_logprobs_vllm(tiny_model, [[5, 6, 7]], [[8, 9]])
-        assert logprobs == [[-3.0, -4.0]]  # the completion positions (3 and 4) only
-    finally:
-        vllm_backend.release()
+# The vLLM glue (a fake `vllm` module in child processes): tests/test_vllm_glue.py.
 
 
 def test_vllm_backend_without_vllm_is_a_one_line_error(monkeypatch, capsys, tiny_model):

@@ -61,8 +61,6 @@ def _close(a, b, tol):
 
 
 def test_offline_loss_equals_online_loss_on_the_same_fresh_batch(smoke):
-    from datasets import Dataset
-
     from opd_bench import offline
     from opd_bench.cache import build_stage
 
@@ -78,13 +76,11 @@ def test_offline_loss_equals_online_loss_on_the_same_fresh_batch(smoke):
         return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
     def build(folder, cost):
-        Dataset.from_dict({"problem_id": [str(i) for i in range(8)],
-                           "prompt_ids": unpad(batch["prompt_ids"], batch["prompt_mask"]),
-                           "completion_ids": unpad(batch["completion_ids"], batch["completion_mask"])}
-                          ).save_to_disk(str(folder / "data"))
-        return {"tokenizer": offline.tokenizer_fingerprint(smoke["tokenizer"]), "rows": 8,
-                "vocab_size": offline.model_vocab_size(smoke["world"].student),
-                "checksum": offline.data_checksum(folder / "data")}
+        rows = offline.save_rows(folder, {"problem_id": [str(i) for i in range(8)],
+                                          "prompt_ids": unpad(batch["prompt_ids"], batch["prompt_mask"]),
+                                          "completion_ids": unpad(batch["completion_ids"], batch["completion_mask"])})
+        return {"tokenizer": offline.tokenizer_fingerprint(smoke["tokenizer"]),
+                "vocab_size": offline.model_vocab_size(smoke["world"].student), **rows}
 
     rollouts, _ = build_stage(smoke["tmp"] / "artifacts", "rollouts", {"test": "offline==online"}, build)
     scored, _ = offline.build_logps(cfg.model_copy(update={"artifacts_dir": str(smoke["tmp"] / "artifacts")}),
