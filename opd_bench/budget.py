@@ -108,14 +108,20 @@ class BudgetCallback(TrainerCallback):
     measured here (`timer`, default time.perf_counter); modeled seconds are priced by `price`. A resumed run passes
     what it spent before (precompute and earlier attempts) as `charged` stages (or the `charged_*` sums), so a crash
     never refills the budget.
+
+    `devices` is every device the training holds: its processes' (the launch's world size) plus a teacher server's.
+    Under a launcher each rank runs this callback; `agree(spend)` returns rank 0's spend on every rank (a
+    broadcast, resume.Ranks.broadcast), so the stop and evaluation points are rank 0's whatever the other ranks'
+    clocks say.
     """
 
     def __init__(self, budget: Budget, *, devices: int = 1, charged: Iterable[StageCost] = (),
                  charged_seconds: float = 0.0, charged_flops: float = 0.0, charged_modeled_seconds: float = 0.0,
                  meter: Callable[[], StageCost | dict | float] = lambda: 0.0, price: GpuPrice = PRICE,
                  marks: tuple[float, ...] = (), on_mark: Callable[[float, dict], None] | None = None,
-                 timer: Callable[[], float] = time.perf_counter):
+                 timer: Callable[[], float] = time.perf_counter, agree: Callable[[dict], dict] | None = None):
         self.budget, self.devices, self.meter, self.price, self.timer = budget, devices, meter, price, timer
+        self.agree = agree or (lambda spend: spend)
         before = spend_of(budget, charged, price)
         self.charged_seconds = charged_seconds + before["device_seconds"]
         self.charged_flops = charged_flops + before["flops"]
@@ -158,7 +164,7 @@ class BudgetCallback(TrainerCallback):
         self.start = self.timer()
 
     def on_step_end(self, args, state, control, **kwargs):
-        spend = self.spend()
+        spend = self.agree(self.spend())
         self.steps.append({"step": state.global_step, **spend})
         while self.marks and spend["fraction"] >= self.marks[0]:
             mark = self.marks.pop(0)

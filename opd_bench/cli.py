@@ -138,8 +138,9 @@ def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (s
                                              "that was cut short (crash, Ctrl-C) continues where it stopped"),
         resume: bool = typer.Option(False, "--resume", help="continue the newest unfinished run of exactly this "
                                     "configuration (else start one)")):
-    """Train pi_sft with a method under a budget, evaluate, write runs/<id>/ and a leaderboard row."""
-    from opd_bench.resume import Interrupted
+    """Train pi_sft with a method under a budget, evaluate, write runs/<id>/ and a leaderboard row.
+    Under `torchrun` / `accelerate launch` every rank runs it; rank 0 owns the run and prints (docs/gpu.md)."""
+    from opd_bench.resume import Interrupted, Ranks
     from opd_bench.run import run as run_method
 
     cfg = _config(preset, list(set_ or []), seed)
@@ -147,8 +148,15 @@ def run(method: str = typer.Option(..., "--method", "-M", help="method plugin (s
         m = run_method(cfg, method, budget, command=" ".join(["opd-bench", *sys.argv[1:]]), run_id=run_id,
                        resume=resume)
     except Interrupted as exc:
-        print(f"interrupted: continue with the same command and --run-id {exc.run_id}", file=sys.stderr)
+        if Ranks.current().main:
+            print(f"interrupted: continue with the same command and --run-id {exc.run_id}", file=sys.stderr)
         sys.exit(130)  # not typer.Exit: main() runs the app with standalone_mode=False, which returns its code
+    except UserError as exc:
+        if not Ranks.current().main:  # rank 0 prints the one line
+            sys.exit(exc.exit_code)
+        raise
+    if not Ranks.current().main:
+        return
     table = Table(title=f"run {m['run_id']}")
     for col in ("task", "pi_sft avg@k", "after avg@k", "k"):
         table.add_column(col)

@@ -161,6 +161,18 @@ class Train(Section):
     gradient_checkpointing: bool = Field(False, description="GPU only; on CPU it is slower (trl.md)")
     vllm: bool = Field(False, description="online methods generate with vLLM (colocated; GPU extra)")
     logging_steps: int = Field(10, ge=1)
+    report_to: str | list[str] = Field("auto", description="experiment tracking of the training logs (the OPD "
+                                       "signals: reward, advantage, tokens kept, grad variance): auto = "
+                                       "tensorboard when installed, none, or a list (tensorboard, wandb, trackio)")
+    teacher_server_url: str = Field("", description="online methods: score with a teacher served by vLLM "
+                                    "(`vllm serve` / `trl vllm-serve`, e.g. http://10.0.0.2:8000) instead of one "
+                                    "in the training processes; empty: in-process teacher")
+    teacher_server_devices: int = Field(0, ge=0, description="GPUs the teacher server holds: charged to the "
+                                        "budget with the training GPUs (device time = wall x all of them)")
+    teacher_server_topk: int = Field(20, ge=1, description="methods that read the teacher's full distribution "
+                                     "get its top-k from a server (an approximation, marked in the row)")
+    rank_wait_s: float = Field(86400.0, gt=0, description="under a launcher: how long the other ranks wait for "
+                               "rank 0's own work (evaluations, precompute stages) before they give up")
 
 
 class RunConfig(Section):

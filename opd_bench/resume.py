@@ -12,6 +12,12 @@ What makes it work, phase by phase (`run.py` drives the phases):
   eval           re-run when interrupted (its records are rewritten)
   leaderboard    the row is written to `row.json` first, then appended only if its run id is not there yet
 Ctrl-C during training stops at the end of the step with a checkpoint; the CLI exits with 130.
+
+Under a launcher (`torchrun`, `accelerate launch`: several processes, one per device) rank 0 owns the run
+(`Ranks`): it picks the run id, holds the lock, builds the stages (the other ranks wait, then read them from
+the cache), writes the ledger, curve, metrics and row, and decides every stop, checkpoint and evaluation point,
+which it broadcasts at each step; checkpoints and the final model are saved by all ranks together. When a rank
+dies, the launcher stops the others; rank 0 prints one line (`error: ...`) and the run resumes with its id.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import time
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+from datetime import timedelta
+from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 from transformers import TrainerCallback
@@ -50,6 +59,140 @@ def crash_point(name: str) -> None:
     """Test hook: `OPD_BENCH_KILL_AT=name` SIGKILLs this process here (tests/test_resume.py)."""
     if os.environ.get("OPD_BENCH_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- ranks
+
+
+class RankFailed(RuntimeError):
+    """Rank 0 failed in a step the other ranks were waiting for: they stop quietly (rank 0 reports it)."""
+
+
+class JobStopped(BaseException):
+    """The launcher stopped this process (SIGTERM: another rank died, or the job was cancelled)."""
+
+
+class Ranks:
+    """The processes of one launch: one per device under `torchrun` / `accelerate launch`, else just this one.
+
+    Rank 0 owns the run (see the module docstring). Every step only rank 0 does goes through `on_main`, which
+    runs it there and hands its result (or its UserError) to the other ranks, so the ranks stay in step and a
+    bad input stops all of them with rank 0's message. The waits use a gloo group of their own with a long
+    timeout (`train.rank_wait_s`): the other ranks may wait hours for rank 0's evaluation or precompute, which
+    the training collectives' timeout must not cover.
+    """
+
+    _current: "Ranks | None" = None
+
+    def __init__(self, world: int = 1, rank: int = 0, group=None):
+        self.world, self.rank, self.group = world, rank, group
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        return cls._current or cls()
+
+    @classmethod
+    def start(cls, wait_seconds: float = 86400.0) -> "Ranks":
+        """Join the launch's process group (accelerate's PartialState: gloo on CPU, NCCL on GPU), once."""
+        if cls._current is not None:
+            return cls._current
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            cls._current = cls()
+            return cls._current
+        import torch
+        import torch.distributed as dist
+        from accelerate import PartialState
+
+        if torch.cuda.is_available():
+            state = PartialState(timeout=timedelta(seconds=1800))
+        else:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+            state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=1800))
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_seconds))
+        cls._current = cls(state.num_processes, state.process_index, group)
+        return cls._current
+
+    # --- collectives on the control group ------------------------------------------------------
+
+    def broadcast(self, value: Any = None) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather(self, value: Any) -> list:
+        """Every rank's `value`, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        self.gather(None)
+
+    def on_main(self, fn: Callable, *args, **kwargs) -> Any:
+        """fn(*args) on rank 0; its result (or its UserError, raised on every rank) everywhere."""
+        if self.world == 1:
+            return fn(*args, **kwargs)
+        if not self.main:
+            kind, value = self.broadcast()
+            if kind == "ok":
+                return value
+            if kind == "user":
+                exc = UserError(value[0])
+                exc.exit_code = value[1]
+                raise exc
+            raise RankFailed(value)
+        try:
+            value = fn(*args, **kwargs)
+        except UserError as exc:
+            self.broadcast(("user", (str(exc), exc.exit_code)))
+            raise
+        except BaseException as exc:
+            self.broadcast(("error", f"rank 0: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            raise
+        self.broadcast(("ok", value))
+        return value
+
+    def main_first(self, fn: Callable, *args, **kwargs) -> Any:
+        """fn(*args) on rank 0 (which builds what it builds), then on the others (which find it built)."""
+        if self.world == 1:
+            return fn(*args, **kwargs)
+        out = self.on_main(fn, *args, **kwargs)
+        return out if self.main else fn(*args, **kwargs)
+
+
+def clock(ranks: "Ranks | None" = None) -> Callable[[], float]:
+    """This process's training clock. Test hook: `OPD_BENCH_CLOCK_SKEW=RANK:FACTOR` makes rank RANK's clock run
+    FACTOR times as fast (tests/test_ranks.py: the decisions must follow rank 0's clock, not each rank's)."""
+    skew = os.environ.get("OPD_BENCH_CLOCK_SKEW", "")
+    rank = (ranks or Ranks.current()).rank
+    if skew and int(skew.split(":")[0]) == rank:
+        factor = float(skew.split(":")[1])
+        return lambda: factor * time.perf_counter()
+    return time.perf_counter
+
+
+def rank_log(entry: dict) -> None:
+    """Test hook: `OPD_BENCH_RANK_LOG=DIR` makes every rank append its per-step decisions to DIR/rank-R.jsonl."""
+    folder = os.environ.get("OPD_BENCH_RANK_LOG")
+    if folder:
+        rank = Ranks.current().rank
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with (Path(folder) / f"rank-{rank}.jsonl").open("a") as f:
+            f.write(json.dumps({"rank": rank, **entry}) + "\n")
 
 
 def note(text: str) -> None:
@@ -187,9 +330,15 @@ def load_checkpoint_weights(trainer, checkpoint: Path) -> None:
 
 
 def weights_finite(model) -> bool:
+    """This process's weights are finite (its shards, under FSDP2 / ZeRO-3: the ranks agree in TrainingProgress)."""
     import torch
 
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+    def local(p):
+        p = p.detach()
+        return p.to_local() if hasattr(p, "to_local") else p  # a DTensor's own shard: no collective
+
+    checks = [local(p).isfinite().all() for p in model.parameters() if local(p).numel()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 class TrainingProgress(TrainerCallback):
@@ -203,9 +352,10 @@ class TrainingProgress(TrainerCallback):
     """
 
     def __init__(self, ledger: Ledger | None, cost: StageCost, usage, *, every: float, steps_file: Path | None,
-                 attempt: int = 1):
+                 attempt: int = 1, ranks: Ranks | None = None, timer: Callable[[], float] = time.perf_counter):
         self.ledger, self.cost, self.usage = ledger, cost, usage
         self.every, self.steps_file, self.attempt = every, steps_file, attempt
+        self.ranks, self.timer = ranks or Ranks(), timer
         self.budget = None  # the BudgetCallback (its clock), set by run._train
         self.interrupted = False
         self.diverged_at: int | None = None
@@ -213,24 +363,30 @@ class TrainingProgress(TrainerCallback):
         self._save_started: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last_save = time.perf_counter()
+        self._last_save = self.timer()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             self._record(state)
-        if model is not None and not weights_finite(model):
+        finite = model is None or weights_finite(model)
+        due = self.interrupted or self.timer() - self._last_save >= self.every
+        # One exchange per step: any rank's shard not finite or any rank interrupted counts; the checkpoint is
+        # due when rank 0's clock says so (the ranks save together).
+        flags = self.ranks.gather((finite, self.interrupted, due))
+        self.interrupted = any(f[1] for f in flags)
+        if not all(f[0] for f in flags):
             self.diverged_at = state.global_step
             control.should_training_stop = True
             return control
-        if self.interrupted or time.perf_counter() - self._last_save >= self.every:
+        if self.interrupted or flags[0][2]:
             control.should_save = True
-            self._save_started = time.perf_counter()  # HF saves right after this callback; on_save follows
+            self._save_started = self.timer()  # HF saves right after this callback; on_save follows
         if self.interrupted:
             control.should_training_stop = True
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        self._last_save = time.perf_counter()
+        self._last_save = self.timer()
         if self.budget is not None and self._save_started is not None:
             self.budget.paused += self._last_save - self._save_started
             self._save_started = None
@@ -270,3 +426,22 @@ def stop_on_ctrl_c(progress: TrainingProgress | None):
         signal.signal(signal.SIGINT, previous)
     if progress.interrupted:
         raise KeyboardInterrupt
+
+
+@contextmanager
+def stopped_by_launcher(ranks: Ranks):
+    """Under a launcher: SIGTERM (torchrun stops the other ranks when one dies) raises JobStopped, so the run ends
+    with one line instead of a traceback per rank (run.py). A single process keeps Python's default."""
+    if ranks.world == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise JobStopped(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

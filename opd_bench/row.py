@@ -23,6 +23,7 @@ def build_row(r, run_id: str, ledger, metrics: dict, world, command: str | None)
            "spent_modeled_s": metrics["spent"].get("modeled_seconds"), "spent_flops": metrics["spent"]["flops"],
            "spent_fraction": metrics["spent"]["fraction"], "steps": metrics["steps"],
            "stopped_by": metrics["stopped_by"]}
+    row.update(launch_of(ledger))
     tokens = {"tokens_trained": 0, "tokens_generated": 0, "tokens_scored": 0}
     for stage in ledger.stages:
         if stage.extra.get("charged") or (stage.stage.startswith("eval") and not stage.cached):
@@ -65,6 +66,22 @@ def build_row(r, run_id: str, ledger, metrics: dict, world, command: str | None)
     if suite:
         row["suite_command"] = suite
     return row
+
+
+def launch_of(ledger) -> dict:
+    """Where training ran (its last attempt): processes (the launcher's world size), devices charged (processes +
+    a teacher server's GPUs), and, when a server was used, its address and whether its top-k stood for the
+    teacher's distribution (an approximation)."""
+    attempts = [s for s in ledger.stages if s.stage == "train"]
+    if not attempts:
+        return {"processes": 1, "devices": 1}
+    last = attempts[-1]
+    out = {"processes": last.extra.get("processes", last.devices), "devices": last.devices}
+    if last.extra.get("teacher_server"):
+        out.update({"teacher_server": last.extra["teacher_server"],
+                    "teacher_server_devices": last.extra.get("server_devices", 0),
+                    "teacher_approximation": last.extra.get("approximation") or "none: sampled-token log-probs"})
+    return out
 
 
 def git_commit() -> str:

@@ -193,19 +193,30 @@ class TeacherServer:
     def completion_topk(self, prompt_ids, prompt_mask, completion_ids, completion_mask, k: int, *,
                         temperature: float = 1.0) -> TopK:
         """The teacher's top-k next-token log-probs at each completion position (an approximation)."""
+        return self.completion_scores(prompt_ids, prompt_mask, completion_ids, completion_mask, k=k,
+                                      temperature=temperature)[1]
+
+    @torch.no_grad()
+    def completion_scores(self, prompt_ids, prompt_mask, completion_ids, completion_mask, *, k: int,
+                          temperature: float = 1.0) -> tuple[torch.Tensor, TopK]:
+        """Both from one request: log pT(y_t) of the completion tokens (as completion_logps) and the top-k."""
         if k < 1:
             raise UserError(f"top-k needs k >= 1, got {k}")
         seqs, p_lens, c_lens = _rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
         shape = (*completion_ids.shape, k)
+        sampled = torch.zeros(completion_ids.shape, dtype=torch.float32)
         logps, ids = torch.full(shape, -math.inf), torch.zeros(shape, dtype=torch.long)
-        for row, (entries, p, c) in enumerate(zip(self.sequence_logprobs(seqs, k, temperature), p_lens, c_lens)):
+        for row, (entries, seq, p, c) in enumerate(zip(self.sequence_logprobs(seqs, k, temperature), seqs, p_lens,
+                                                       c_lens)):
             for j in range(c):
+                sampled[row, j] = _logprob(entries[p + j], seq[p + j])
                 items = sorted(entries[p + j].items(), key=lambda kv: (kv[1].get("rank") or math.inf,
                                                                        -kv[1]["logprob"]))[:k]
                 for r, (token, item) in enumerate(items):
                     logps[row, j, r] = -math.inf if math.isnan(item["logprob"]) else item["logprob"]
                     ids[row, j, r] = int(token)
-        return TopK(logps.to(completion_ids.device), ids.to(completion_ids.device), k)
+        device = completion_ids.device
+        return sampled.to(device), TopK(logps.to(device), ids.to(device), k)
 
 
 # --- a local server for tests and CPU smoke runs -------------------------------------------------------

@@ -12,6 +12,17 @@ signal on first read (nothing the method does not read is computed) and `num_ite
 completion tokens, so gradient accumulation and data parallelism give the big-batch gradient exactly.
 
 Every FLOP is charged to `self.cost` (generation 2N, scoring 2N, training 6N per token) for the budget.
+
+Sharded runs (FSDP2, ZeRO-3) score correctly because every model call goes through its wrapper, as TRL does: the
+student's loss runs inside the student wrapper's forward (`_forward_redirection`), and every teacher / reference
+read (backbone, head, per-position signals) inside the frozen model's wrapper forward (`_frozen`), so FSDP2
+gathers the root's parameters (embeddings, head) and ZeRO-3 its hooks' ones; a head weight used directly by TRL's
+kernels is gathered as TRL does (`full_tensor()` for FSDP2, the kernels' own ZeRO-3 gather).
+
+Teacher server (`teacher_server`, teacher_server.py): the sampled tokens' teacher log-probs come from a vLLM server;
+a method reading the teacher's full distribution gets its top-k and every signal of it is computed on the
+coarse-grained distributions (the k tokens + one bucket for the rest of the vocabulary, whose KL is a lower bound of
+the full one): an approximation, recorded in `self.approximation` and the row.
 """
 
 from __future__ import annotations
@@ -35,8 +46,7 @@ from opd_bench.logprobs import check_plain_head, completion_logps, head_logits, 
 from opd_bench.methods.base import Data, Loss, Rollouts
 
 ROWS = 2048  # token rows per chunk when the (tokens, V) logits are not materialized at once
-
-ROWS = 2048  # token rows per chunk when the (tokens, V) logits are not materialized at once
+REST_FLOOR = 1e-6  # coarse (top-k + rest) distributions: the rest bucket's smallest mass (rounding gives <= 0)
 
 
 def gradient_variance(group_losses, params) -> tuple[float, float]:
@@ -78,6 +88,7 @@ class Signals:
         self.input_ids = torch.cat([inputs["prompt_ids"], self.tokens], 1)
         self.attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
         self.T, self.chunked = trainer.temperature, trainer.chunked
+        self.coarse = "teacher_topk_logps" in inputs  # a served teacher's top-k stands for its distribution
 
     @cached_property
     def _hidden(self) -> torch.Tensor:
@@ -111,19 +122,62 @@ class Signals:
             raise UserError("this method reads the teacher's distribution, but no teacher is loaded (offline)")
         return self.tr.accelerator.unwrap_model(self.tr.teacher_model)
 
+    def _with_teacher(self, fn, *args):
+        """fn(teacher, *args) inside the teacher wrapper's forward, without gradient (see the module docstring)."""
+        _ = self._teacher  # a clear error when there is none
+        return self.tr._frozen(self.tr.teacher_model, fn, *args)
+
     @cached_property
     def _teacher_hidden(self) -> torch.Tensor:
         self.tr.cost.score(self.tr.n_teacher, int(self.attention_mask.sum()))
-        with torch.no_grad():
-            return hidden_states(self._teacher, self.input_ids, self.attention_mask, self.tokens.shape[1])
+        return self._with_teacher(hidden_states, self.input_ids, self.attention_mask, self.tokens.shape[1])
 
     @cached_property
     def _teacher_logits(self) -> torch.Tensor:  # dense mode only
-        with torch.no_grad():
-            return head_logits(self._teacher, self._teacher_hidden, self.T)
+        return self._with_teacher(head_logits, self._teacher_hidden, self.T)
+
+    # --- a served teacher's top-k: coarse-grained distributions (the k tokens + the rest) -----------------
+
+    @staticmethod
+    def _with_rest(top: torch.Tensor) -> torch.Tensor:
+        """(..., k) log-probs -> (..., k + 1): the k tokens and one bucket holding the rest of the mass."""
+        mass = torch.logsumexp(top, -1).exp().clamp(max=1 - REST_FLOOR)
+        return torch.cat([top, torch.log1p(-mass).unsqueeze(-1)], -1)
+
+    @cached_property
+    def _coarse_teacher(self) -> torch.Tensor:
+        top = self.inputs["teacher_topk_logps"].to(torch.float64 if self.student.dtype == torch.float64 else
+                                                    torch.float32)
+        out = self._with_rest(top.clamp(min=-1e30))
+        return torch.where(self.mask.unsqueeze(-1), out, torch.zeros_like(out))  # padding: finite, masked later
+
+    @cached_property
+    def _coarse_student(self) -> torch.Tensor:
+        """log pS of the teacher's top-k tokens and of the rest, with the gradient (chunked: ROWS positions at a
+        time, each chunk's logits recomputed in the backward instead of kept)."""
+        ids = self.inputs["teacher_topk_ids"]
+        if not self.chunked:
+            top = torch.log_softmax(self._logits, -1).gather(-1, ids)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            def rows(h, i):
+                return torch.log_softmax(head_logits(self.student, h, self.T), -1).gather(-1, i)
+
+            hs, flat = self._hidden.flatten(0, 1), ids.flatten(0, 1)
+            top = torch.cat([checkpoint(rows, hs[i:i + ROWS], flat[i:i + ROWS], use_reentrant=False)
+                             for i in range(0, hs.shape[0], ROWS)]).view(*ids.shape)
+        out = self._with_rest(top)
+        return torch.where(self.mask.unsqueeze(-1), out, torch.zeros_like(out))
+
+    # --------------------------------------------------------------------------------------------------
 
     def _per_position(self, fn, with_teacher: bool) -> torch.Tensor:
         """fn(student_logits[, teacher_logits]) at every position, without gradient."""
+        if with_teacher and self.coarse:
+            _ = self._coarse_student  # built with its graph (a divergence may train on it)
+            with torch.no_grad():
+                return fn(self._coarse_student.detach(), self._coarse_teacher)
         # Built (and cached) outside no_grad: the loss may later need the student's hidden states with their graph.
         _ = self._hidden if self.chunked else self._logits
         with torch.no_grad():
@@ -131,13 +185,17 @@ class Signals:
                 return fn(self._logits.detach(), *([self._teacher_logits] if with_teacher else []))
             hs = self._hidden.detach().flatten(0, 1)
             ht = self._teacher_hidden.flatten(0, 1) if with_teacher else None
-            out = []
-            for i in range(0, hs.shape[0], ROWS):
-                args = [head_logits(self.student, hs[i:i + ROWS], self.T)]
-                if with_teacher:
-                    args.append(head_logits(self._teacher, ht[i:i + ROWS], self.T))
-                out.append(fn(*args))
-            return torch.cat(out).view(self.tokens.shape)
+
+            def loop(teacher):
+                out = []
+                for i in range(0, hs.shape[0], ROWS):
+                    args = [head_logits(self.student, hs[i:i + ROWS], self.T)]
+                    if teacher is not None:
+                        args.append(head_logits(teacher, ht[i:i + ROWS], self.T))
+                    out.append(fn(*args))
+                return torch.cat(out).view(self.tokens.shape)
+
+            return self._with_teacher(loop) if with_teacher else loop(None)
 
     @cached_property
     def teacher_logp(self) -> torch.Tensor:
@@ -146,8 +204,8 @@ class Signals:
             return self.inputs["teacher_logps"]
         if not self.chunked:
             return S.token_logps(self._teacher_logits, self.tokens)
-        with torch.no_grad():
-            return sampled_logps(self._teacher, self._teacher_hidden, self.tokens, self.T, True)[0]
+        return self._with_teacher(lambda teacher, h: sampled_logps(teacher, h, self.tokens, self.T, True)[0],
+                                  self._teacher_hidden)
 
     @property
     def ref_logp(self) -> torch.Tensor:
@@ -170,32 +228,51 @@ class Signals:
         `keep` positions only, one value per kept position, with its gradient to the student. The vocabulary
         projection runs on those rows alone (chunked: TRL's kernel, never a (rows, V) tensor in full)."""
         rows = keep.reshape(-1).nonzero().squeeze(1)
+        if self.coarse:
+            k1 = self._coarse_teacher.shape[-1]
+            return S.generalized_jsd(self._coarse_student.reshape(-1, k1).index_select(0, rows),
+                                     self._coarse_teacher.reshape(-1, k1).index_select(0, rows), beta)
         hs = self._hidden.flatten(0, 1).index_select(0, rows)
         ht = self._teacher_hidden.flatten(0, 1).index_select(0, rows)
         if self.chunked:
-            s_head, t_head = self.student.get_output_embeddings(), self._teacher.get_output_embeddings()
-            div, _ = ChunkedDivergenceFunction.apply(hs, s_head.weight, s_head.bias, ht.detach(), t_head.weight,
-                                                     t_head.bias, beta, self.T)
+            (sw, sb), (tw, tb) = _head(self.student), _head(self._teacher)
+            div, _ = ChunkedDivergenceFunction.apply(hs, sw, sb, ht.detach(), tw, tb, beta, self.T)
             return div
-        with torch.no_grad():
-            teacher = head_logits(self._teacher, ht, self.T)
+        teacher = self._with_teacher(head_logits, ht, self.T)
         return S.generalized_jsd(head_logits(self.student, hs, self.T), teacher, beta)
+
+
+def _head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output head's weight and bias as plain tensors for TRL's kernels: an FSDP2 DTensor is gathered
+    (`full_tensor()`, differentiable: its backward reduce-scatters), as TRL's _chunked_divergence_loss does;
+    ZeRO-3's partitioned weights are gathered inside the kernels (maybe_gather_lm_head_ctx)."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return weight, bias
 
 
 class OPDTrainer(DistillationTrainer):
     def __init__(self, *, method, params, data: Data, ref_model=None, chunked: bool = False,
-                 rollouts_per_prompt: int = 1, **kwargs):
+                 rollouts_per_prompt: int = 1, teacher_server=None, teacher_params: int = 0, server_topk: int = 20,
+                 **kwargs):
         self.method, self.params, self.data, self.chunked = method, params, data, chunked
         self.offline = data.rollouts == Rollouts.OFFLINE
         self.rollouts_per_prompt = 1 if self.offline else rollouts_per_prompt
+        self.teacher_server, self.server_topk = teacher_server, server_topk
+        self.approximation: str | None = None  # set when a served teacher's top-k stands for its distribution
+        self.rows_trained = 0  # sequences this process trained on (tests: the global batch is the preset's)
+        n_ref = n_params(ref_model) if ref_model is not None else 0  # before any sharding
         super().__init__(**kwargs)
         check_plain_head(self.model)
         self.cost = StageCost(stage="train")
         self.n_student = n_params(self.model)
-        self.n_teacher = n_params(self.teacher_model) if self.teacher_model is not None else 0
+        self.n_teacher = n_params(self.teacher_model) if self.teacher_model is not None else teacher_params
         self.ref_model = None
         if ref_model is not None:
-            self.n_ref = n_params(ref_model)
+            self.n_ref = n_ref
             self.ref_model = self.accelerator.prepare_model(ref_model.eval(), evaluation_mode=True)
 
     # --- data ------------------------------------------------------------------------------------
@@ -220,18 +297,43 @@ class OPDTrainer(DistillationTrainer):
     def score_batch(self, batch: dict) -> dict:
         """Add the sampled-token log-probs the method declared and the batch does not carry yet (no_grad)."""
         reads = self.data.reads
+        if self.teacher_server is not None and (reads.teacher_logp or reads.teacher_distribution):
+            self._score_on_server(batch)
         if reads.teacher_logp and not reads.teacher_distribution and "teacher_logps" not in batch:
             batch["teacher_logps"] = self._score(self.teacher_model, self.n_teacher, batch)  # else: the loss's
         if self.ref_model is not None and "ref_logps" not in batch:  # teacher forward gives it
             batch["ref_logps"] = self._score(self.ref_model, self.n_ref, batch)
         return batch
 
-    def _score(self, model, n: int, batch: dict) -> torch.Tensor:
-        model = self.accelerator.unwrap_model(model)
+    def _score_on_server(self, batch: dict) -> None:
+        """The served teacher's log-probs of the sampled tokens, and its top-k when the method reads the teacher's
+        distribution (one request for both; charged as scoring with the teacher's parameter count)."""
+        if "teacher_logps" in batch:
+            return
+        args = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+        self.cost.score(self.n_teacher, int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()))
+        dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
+        if self.data.reads.teacher_distribution:
+            logps, top = self.teacher_server.completion_scores(*args, k=self.server_topk, temperature=self.temperature)
+            batch["teacher_topk_logps"], batch["teacher_topk_ids"] = top.logps.to(dtype), top.ids
+            self.approximation = top.note
+        else:
+            logps = self.teacher_server.completion_logps(*args, temperature=self.temperature)
+        batch["teacher_logps"] = logps.to(dtype)
+
+    def _frozen(self, wrapped, fn, *args):
+        """fn(model, *args) inside a frozen model's wrapper forward, without gradient: the teacher's or the
+        reference's sharded parameters are gathered as their wrapper does it (TRL routes its teacher so too)."""
+        model = self.accelerator.unwrap_model(wrapped)
         model.eval()
+        with torch.no_grad():
+            return self._forward_redirection(wrapped, model, fn, model, *args)
+
+    def _score(self, model, n: int, batch: dict) -> torch.Tensor:
         self.cost.score(n, int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()))
-        return completion_logps(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
-                                batch["completion_mask"], temperature=self.temperature, chunked=self.chunked)
+        return self._frozen(model, lambda m, *a: completion_logps(m, *a, temperature=self.temperature,
+                                                                    chunked=self.chunked),
+                            batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
 
     def _offline_batch(self, rows: list[dict]) -> dict:
         """A generation batch from precomputed rows, padded exactly as TRL pads generated ones."""
@@ -269,6 +371,8 @@ class OPDTrainer(DistillationTrainer):
         return (loss, None) if return_outputs else loss
 
     def _method_loss(self, student, inputs, count):
+        if self.model.training and not getattr(self, "_measuring", False):
+            self.rows_trained += int(inputs["completion_ids"].shape[0])
         s = Signals(self, student, inputs, count)
         out = self.method.loss(s, self.params)
         self._log_signals(s, out)
@@ -337,26 +441,68 @@ class OPDTrainer(DistillationTrainer):
         metrics["opd/grad_norm2"].append(norm2)
 
 
-def opd_args(cfg: RunConfig, data: Data, out_dir: Path, n_rows: int | None = None) -> DistillationConfig:
-    """TRL arguments from the preset's shared `train` section (the same for every method)."""
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch): accelerate's state once it exists, else WORLD_SIZE."""
+    from accelerate import PartialState
+
+    state = PartialState._shared_state
+    if state.get("num_processes"):
+        return int(state["num_processes"])
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def report_to(value) -> list[str]:
+    """train.report_to -> TRL's report_to: auto = tensorboard when it is installed; a tracker asked for by name
+    must be installed (one line, before any work)."""
+    import importlib.util
+
+    names = [value] if isinstance(value, str) else list(value)
+    if names in (["auto"], []):
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") \
+            else []
+    if names == ["none"]:
+        return []
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+                "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",)}
+    for name in names:
+        if name not in packages:
+            raise UserError(f"train.report_to: unknown tracker {name!r} (choose from: auto, none, "
+                            f"{', '.join(packages)})")
+        if not any(importlib.util.find_spec(p) for p in packages[name]):
+            raise UserError(f"train.report_to asks for {name}, which is not installed: pip install {packages[name][0]}"
+                            f" (or --set train.report_to=none)")
+    return names
+
+
+def opd_args(cfg: RunConfig, data: Data, out_dir: Path, n_rows: int | None = None,
+             run_name: str | None = None) -> DistillationConfig:
+    """TRL arguments from the preset's shared `train` section (the same for every method). The global batch is the
+    preset's whatever the number of processes: accumulation = batch / (micro-batch x processes)."""
     t = cfg.train
     offline = data.rollouts == Rollouts.OFFLINE
-    micro = t.micro_batch_size or t.batch_size
-    if t.batch_size % micro or t.batch_size % (1 if offline else t.rollouts_per_prompt):
-        raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} "
-                        f"and of train.rollouts_per_prompt={t.rollouts_per_prompt}")
+    world = world_size()
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
+    if t.batch_size % (micro * world) or t.batch_size % (1 if offline else t.rollouts_per_prompt):
+        raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} x "
+                        f"{world} process(es) (the global batch is the preset's; accumulation = batch / (micro x "
+                        f"processes)) and of train.rollouts_per_prompt={t.rollouts_per_prompt}")
     gpu = torch.cuda.is_available()
     steps = t.max_steps or 10**9  # the budget stops training
     if offline and n_rows is not None:  # and at most max_passes over the rollouts
         steps = min(steps, max(1, math.floor(t.max_passes * n_rows / t.batch_size)))
     return DistillationConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
+        output_dir=str(out_dir), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=t.batch_size // (micro * world),
         learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=t.max_grad_norm, max_steps=steps, max_completion_length=t.max_new_tokens,
         temperature=t.temperature, top_p=1.0, top_k=0, seed=cfg.seed, data_seed=cfg.seed,
+        # fp32 master weights (models.py) with bf16 autocast compute on GPU
         use_cpu=not gpu, bf16=gpu, gradient_checkpointing=gpu and t.gradient_checkpointing,  # see trl.md
-        logging_steps=t.logging_steps, save_strategy="no", report_to=[], disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, shuffle_dataset=True,
+        logging_steps=t.logging_steps, save_strategy="no", report_to=report_to(t.report_to), run_name=run_name,
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, shuffle_dataset=True,
+        ddp_find_unused_parameters=False,  # the loss reads every parameter (backbone and head)
         use_vllm=t.vllm and not offline, vllm_mode=cfg.vllm.mode, vllm_tensor_parallel_size=cfg.vllm.tensor_parallel,
         vllm_gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, vllm_enable_sleep_mode=cfg.vllm.sleep,
         vllm_max_model_length=cfg.vllm.max_model_len, vllm_server_host=cfg.vllm.server_host,
