@@ -191,7 +191,8 @@ def run(cfg: RunConfig, method_name: str | None = None, budget_spec: str | None 
     world = ranks.main_first(load_world, r.cfg)  # rank 0 builds (micro) while the others wait
     teacher = teacher_of(r, world)
     if not teacher:
-        raise UserError(f"{r.label} is scored by a second teacher (teacher B): set world.hf.teacher_b")
+        raise UserError(f"{r.label} needs a second teacher (teacher B, which did not write the SFT data): "
+                        f"set world.hf.teacher_b")
     tokenizer = preflight.load_checked_tokenizer(world.tokenizer)
     reference = reference_of(r, world)
     ranks.on_main(preflight.check_vocabularies, tokenizer, world.student,
@@ -228,7 +229,10 @@ def _check_memory(r: Resolved) -> None:
     t = r.cfg.train
     served = {"teacher": "server", "server_gpus": max(1, t.teacher_server_devices)} if t.teacher_server_url else {}
     needs, reference = needs_for(r.cfg, r.method.name)
-    check_config(r.cfg, needs, Layout.detect(**served), reference=reference)
+    try:
+        check_config(r.cfg, needs, Layout.detect(**served), reference=reference)
+    except UserError as exc:
+        raise UserError(f"{exc} (those are `opd-bench plan` flags; launch commands for them: docs/gpu.md)") from None
 
 
 class RunStopped(UserError):

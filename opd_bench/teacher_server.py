@@ -28,6 +28,9 @@ Charging: the server's GPUs work for the run whether or not they are busy, so a 
   device_seconds = wall_seconds x (training devices + server devices)        (`device_seconds` below)
 e.g. 10 h on 4 training GPUs with a teacher server on 4 GPUs is 80 device-hours, not 40.
 
+A run points at a server with `--set train.teacher_server_url=http://HOST:PORT --set train.teacher_server_devices=N`
+(training.py, trainer.OPDTrainer._score_on_server; docs/gpu.md section 5).
+
 `LocalTeacherServer` is a stdlib `http.server` speaking the same format from an in-process HF model, for
 tests and CPU smoke runs (no vLLM here): the round trip equals `completion_logps` to 1e-5.
 """
@@ -230,6 +233,7 @@ class LocalTeacherServer:
 
     def __init__(self, model, name: str = "local-teacher", host: str = "127.0.0.1", port: int = 0):
         self.model, self.name = model.eval(), name
+        self.requests = 0  # completion requests answered (tests: the run used the server)
         self._lock = threading.Lock()  # one forward at a time (torch threads are shared)
         handler = self._handler()
         self.httpd = ThreadingHTTPServer((host, port), handler)
@@ -304,6 +308,7 @@ class LocalTeacherServer:
                     return self._send(400, {"error": "prompt must be token ids (a list, or a list of lists)"})
                 if req.get("model") not in (None, server.name):
                     return self._send(404, {"error": f"model {req.get('model')!r} not served"})
+                server.requests += 1
                 k, temperature = req.get("prompt_logprobs"), float(req.get("temperature", 1.0))
                 choices = []
                 for i, ids in enumerate(prompts):

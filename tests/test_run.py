@@ -122,3 +122,75 @@ def test_leaderboard_appends_are_atomic_under_concurrency(tmp_path):
     assert sorted(r["run_id"] for r in rows) == sorted(f"{w}-{i}" for w in range(4) for i in range(10))
     header = next(csv.reader(path.open()))
     assert header[0] == "run_id" and {f"col{w}" for w in range(4)} <= set(header)
+
+
+def test_run_refuses_a_layout_that_cannot_fit_before_any_work(tmp_path, monkeypatch):
+    """The planner's check (planner.check_config on the launch's layout: WORLD_SIZE, accelerate's strategy) runs
+    before anything is written: standard OPD on lightning-8b does not fit one 80 GB GPU; 8 ZeRO-3 ranks do."""
+    from opd_bench.config import load_config
+    from opd_bench.errors import UserError
+    from opd_bench.resolve import resolve
+    from opd_bench.run import _check_memory
+
+    proc = _cli("run", "--method", "standard-opd", "--budget", "1h", "--preset", "lightning-8b",
+                "--set", f"runs_dir={tmp_path}/runs", "--set", f"leaderboard={tmp_path}/lb.csv")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "does not fit on 1 x" in proc.stderr and "fix:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    r = resolve(load_config("lightning-8b"), "standard-opd", "1h")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    _check_memory(r)  # fits
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="does not fit"):
+        _check_memory(r)
+
+
+def test_report_to_resolves_trackers_and_refuses_missing_ones(monkeypatch):
+    import importlib.util
+
+    from opd_bench.errors import UserError
+    from opd_bench.trainer import report_to
+
+    have = {"tensorboard": False, "wandb": False, "trackio": True}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if have[name] else None) if name in have else real(name, *a))
+    assert report_to("auto") == [] and report_to("none") == [] and report_to(["trackio"]) == ["trackio"]
+    have["tensorboard"] = True
+    assert report_to("auto") == ["tensorboard"]
+    for bad, text in (("wandb", "pip install wandb"), ("neptune-x", "unknown tracker")):
+        with pytest.raises(UserError, match=text):
+            report_to([bad])
+
+
+@pytest.mark.slow
+def test_the_opd_signals_reach_the_trackers(tmp_path):
+    """What `train.report_to`'s integrations receive (their on_log): the OPD signals, every logging step."""
+    from transformers import TrainerCallback
+
+    from opd_bench.config import load_config
+    from opd_bench.ledger import Ledger
+    from opd_bench.models import load_tokenizer
+    from opd_bench.resolve import resolve
+    from opd_bench.training import TrainContext, build_trainer
+    from opd_bench.worlds import load_world
+
+    r = resolve(load_config("smoke", [f"runs_dir={tmp_path}", "train.max_steps=2", "train.logging_steps=1",
+                                      "train.report_to=none"]), "standard-opd")
+    world = load_world(r.cfg)
+    trainer = build_trainer(TrainContext(r.cfg, world, load_tokenizer(world.tokenizer), world.teacher_a,
+                                         tmp_path / "work", Ledger(tmp_path / "ledger.json")), r)
+    logs = []
+
+    class Tracker(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs or {}))
+
+    seen = logs
+    trainer.add_callback(Tracker())
+    trainer.train()
+    steps = [entry for entry in logs if "opd/reward" in entry]
+    assert len(steps) == 2
+    for key in ("opd/reward", "opd/advantage_var", "opd/tokens_kept", "opd/grad_var", "loss"):
+        assert all(key in entry for entry in steps), key
