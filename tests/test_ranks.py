@@ -72,7 +72,7 @@ def _check_one_run(tmp: Path, proc) -> tuple[Path, dict]:
         assert (a["save"], a["stop"]) == (b["save"], b["stop"])  # the ranks decided together
         assert a["rows"] + b["rows"] == 8 and a["processes"] == 2  # smoke's train.batch_size, not 8 per rank
     assert logs[0][-1]["stop"]
-    assert proc.stdout.count("run folder:") == 1  # rank 0 reports, the other rank is quiet
+    assert proc.stdout.count("pi_sft avg@k") == 1  # rank 0 prints the results table, the other rank is quiet
     return run_dir, logs
 
 
