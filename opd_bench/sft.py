@@ -92,9 +92,11 @@ def continued_sft_trainer(ctx, dataset):
     from opd_bench.ledger import StageCost
     from opd_bench.logprobs import n_params
 
+    from opd_bench.trainer import global_batch
+
     t = ctx.cfg.train
-    micro = t.micro_batch_size or t.batch_size
-    args = sft_config(ctx.work, steps=t.max_steps or 10**9, batch_size=micro, accumulation=t.batch_size // micro,
+    micro, accumulation = global_batch(t)  # the preset's global batch whatever the number of processes
+    args = sft_config(ctx.work, steps=t.max_steps or 10**9, batch_size=micro, accumulation=accumulation,
                       lr=t.lr, seed=ctx.cfg.seed, max_length=4 * t.max_new_tokens + 512, scheduler="constant",
                       max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, tokens_seen="non_padding")
 

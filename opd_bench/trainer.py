@@ -476,25 +476,32 @@ def report_to(value) -> list[str]:
     return names
 
 
+def global_batch(t, rollouts_per_prompt: int = 1) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) that give the preset's global batch `t.batch_size` whatever the number of
+    processes: accumulation = batch / (micro-batch x processes); a one-line error when it does not divide."""
+    world = world_size()
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
+    if t.batch_size % (micro * world) or t.batch_size % rollouts_per_prompt:
+        raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} x "
+                        f"{world} process(es) (the global batch is the preset's; accumulation = batch / (micro x "
+                        f"processes)) and of train.rollouts_per_prompt={rollouts_per_prompt}")
+    return micro, t.batch_size // (micro * world)
+
+
 def opd_args(cfg: RunConfig, data: Data, out_dir: Path, n_rows: int | None = None,
              run_name: str | None = None) -> DistillationConfig:
     """TRL arguments from the preset's shared `train` section (the same for every method). The global batch is the
     preset's whatever the number of processes: accumulation = batch / (micro-batch x processes)."""
     t = cfg.train
     offline = data.rollouts == Rollouts.OFFLINE
-    world = world_size()
-    micro = t.micro_batch_size or max(1, t.batch_size // world)
-    if t.batch_size % (micro * world) or t.batch_size % (1 if offline else t.rollouts_per_prompt):
-        raise UserError(f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size={micro} x "
-                        f"{world} process(es) (the global batch is the preset's; accumulation = batch / (micro x "
-                        f"processes)) and of train.rollouts_per_prompt={t.rollouts_per_prompt}")
+    micro, accumulation = global_batch(t, 1 if offline else t.rollouts_per_prompt)
     gpu = torch.cuda.is_available()
     steps = t.max_steps or 10**9  # the budget stops training
     if offline and n_rows is not None:  # and at most max_passes over the rollouts
         steps = min(steps, max(1, math.floor(t.max_passes * n_rows / t.batch_size)))
     return DistillationConfig(
         output_dir=str(out_dir), per_device_train_batch_size=micro,
-        gradient_accumulation_steps=t.batch_size // (micro * world),
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=t.max_grad_norm, max_steps=steps, max_completion_length=t.max_new_tokens,
         temperature=t.temperature, top_p=1.0, top_k=0, seed=cfg.seed, data_seed=cfg.seed,
