@@ -107,7 +107,7 @@ def eval_(model: str = typer.Option(..., "--model", "-m", help="model folder or 
         folder = out / card.name if out else model_dir / "eval" / f"{card.name}-v{card.version}"
         metrics = evaluate(model_dir, card, folder, n_per_split=n, batch_size=cfg.eval.batch_size,
                            workers=cfg.eval.workers, seed=cfg.seed, k=k, max_new_tokens=max_new_tokens,
-                           temperature=temperature, backend=backend)
+                           temperature=temperature, backend=backend, vllm=cfg.vllm)
         for split, m in sorted(metrics["per_split"].items()):
             table.add_row(card.tag, split, str(m["n_problems"]), f"{100 * m['avg@k']:.1f}",
                           f"{100 * m['pass@k']:.1f}", str(metrics["k"]))

@@ -65,7 +65,8 @@ def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: 
     for name in cfg.eval.tasks:
         card = TASKS.get(name)
         m = evaluate(model_dir, card, out_dir / f"{card.name}-v{card.version}", n_per_split=n_per_split,
-                     batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed, backend=cfg.eval.backend)
+                     batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed, backend=cfg.eval.backend,
+                     vllm=cfg.vllm)
         cost.generate(n_params, m["generated_tokens"])
         results[card.tag] = m
         crash_point(f"{cost.stage}:{card.name}")
