@@ -120,13 +120,14 @@ def cost_to_reach(curve, target: float) -> float | None:
 
 def speedup(reference: list[list], arm: list[list], k: float, margin: float) -> dict:
     """The speedup rule of the module docstring: verdict, why, target, ref_cost, costs, ratio, lo, hi."""
-    ref = mean_curve([c for c in reference if c])
+    reference = [c for c in reference if c]
     out = {"costs": [], "ratio": None, "lo": None, "hi": None, "reached": 0, "n": len(arm)}
-    if len([c for c in reference if c]) < 2 or len([c for c in arm if c]) < 2:
+    if len(reference) < 2 or len([c for c in arm if c]) < 2:
         return {**out, "verdict": "inconclusive", "why": "fewer than 2 seeds with an accuracy curve"}
+    ref = mean_curve(reference)
     out["target"] = target = ref[-1][2] - margin
     if ref[0][2] >= target:
-        return {**out, "target": target, "verdict": "inconclusive",
+        return {**out, "verdict": "inconclusive",
                 "why": "the reference's curve gains less than the margin over its start: nothing to reach"}
     out["ref_cost"] = ref_cost = cost_to_reach(ref, target)
     out["costs"] = costs = [cost_to_reach(c, target) for c in arm]

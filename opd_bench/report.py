@@ -28,6 +28,7 @@ from opd_bench.methods.base import PI_SFT  # the spec's name for the base evalua
 from opd_bench.suite import arm, load_spec
 
 PAPER_RESULTS = Path(__file__).parent / "data" / "paper_results.csv"
+EXTS = ("md", "tex", "csv")
 LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
          "}": r"\}", "~": r"\textasciitilde{}", "<": "$<$", ">": "$>$", "≥": r"$\geq$", "±": r"$\pm$", "—": "---"}
 
@@ -71,20 +72,20 @@ def _float(value) -> float | None:
 
 
 def parse(row: dict, preset_lr: float) -> Run:
-    tags = sorted(k[:-len(".avg@k")] for k in row if k.endswith(".avg@k") and _float(row[k]) is not None)
-    spent, train, lr = (_float(row.get(k)) for k in ("spent_device_s", "device_s.train", "train.lr"))
+    num = {k: x for k, v in row.items() if (x := _float(v)) is not None}  # every finite numeric cell
+    tags = sorted(k[:-len(".avg@k")] for k in num if k.endswith(".avg@k"))
     # pi_sft's point (mark 0) sits at what the method spent before training (offline rollouts and precompute).
-    curve = [(p[0], max((spent or 0.0) - (train or 0.0), 0.0) if p[0] == 0 else p[1], statistics.fmean(p[3].values()))
+    before = max(num.get("spent_device_s", 0.0) - num.get("device_s.train", 0.0), 0.0)
+    curve = [(p[0], before if p[0] == 0 else p[1], statistics.fmean(p[3].values()))
              for p in json.loads(row.get("curve") or "[]")]
     return Run(label=row.get("label") or row.get("method", ""), method=row.get("method", ""),
                params=json.loads(row.get("params") or "{}"), changed=json.loads(row.get("params_changed") or "{}"),
-               seed=row.get("seed", ""), lr=preset_lr if lr is None else lr, status=row.get("status") or "ok",
-               scores={t: float(row[f"{t}.avg@k"]) for t in tags},
-               base={t: float(row[f"{t}.base_avg@k"]) for t in tags if _float(row.get(f"{t}.base_avg@k")) is not None},
-               stages={k[9:]: _float(v) for k, v in row.items() if k.startswith("device_s.") and _float(v)},
-               spent_s=spent or 0.0, curve=curve, cells={k: _float(v) for k, v in row.items() if _float(v) is not None},
-               end=row.get("time", ""), wall_s=_float(row.get("process_wall_s")),
-               suite_command=row.get("suite_command", ""))
+               seed=row.get("seed", ""), lr=num.get("train.lr", preset_lr), status=row.get("status") or "ok",
+               scores={t: num[f"{t}.avg@k"] for t in tags},
+               base={t: num[f"{t}.base_avg@k"] for t in tags if f"{t}.base_avg@k" in num},
+               stages={k[len("device_s."):]: v for k, v in num.items() if k.startswith("device_s.") and v},
+               spent_s=num.get("spent_device_s", 0.0), curve=curve, cells=num, end=row.get("time", ""),
+               wall_s=num.get("process_wall_s"), suite_command=row.get("suite_command", ""))
 
 
 def task_kind(tag: str) -> str:
@@ -93,7 +94,7 @@ def task_kind(tag: str) -> str:
 
     try:
         return "math" if TASKS.get(tag.split("@")[0]).scorer == "math" else "code"
-    except UserError:
+    except UserError:  # a task no longer registered: guess from its name
         return "math" if any(w in tag for w in ("math", "aime", "hmmt")) else "code"
 
 
@@ -136,6 +137,9 @@ class Table:
         writer.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in self.raw)
         return buf.getvalue()
 
+    def files(self) -> dict:
+        return dict(zip(EXTS, (f"## {self.title}\n\n{self.markdown()}\n{self.note}\n", self.latex(), self.csv())))
+
 
 FORMATS = {"pct": lambda s: f"{100 * s.mean:.1f}" + (f" ± {100 * s.std:.1f}" if s.std is not None else ""),
            "sci": lambda s: f"{s.mean:.3g}" + (f" ± {s.std:.2g}" if s.std is not None else ""),
@@ -153,16 +157,15 @@ def _raw(prefix: str, s: Stat) -> dict:
 class Report:
     def __init__(self, runs: list[Run], spec: dict, preset: str, budget: str, shared_lr: float):
         self.all, self.spec, self.preset, self.budget, self.lr = runs, spec, preset, budget, shared_lr
-        self.other_worlds = 0
         self.runs = [r for r in runs if r.lr is not None and math.isclose(r.lr, shared_lr, rel_tol=1e-9)]
-        self.tags = sorted({t for r in self.runs for t in r.scores})
-        kinds = {task_kind(t) for t in self.tags}
-        self.metrics = self.tags + [k for k in ("math", "code") if k in kinds] + (["avg"] if self.tags else [])
-        self.accuracy = [{"metric": m, "label": {"math": "math avg", "code": "code avg"}.get(m, m)}
-                         for m in self.metrics]
+        tags = sorted({t for r in self.runs for t in r.scores})
+        kinds = {task_kind(t) for t in tags}
+        self.metrics = tags + [k for k in ("math", "code") if k in kinds] + (["avg"] if tags else [])
+        self.accuracy = [{"metric": m, "label": f"{m} avg" if m in ("math", "code") else m} for m in self.metrics]
         self.core = [arm(a) for a in spec.get("core", [])]
         rank = {r.label: min([i for i, a in enumerate(self.core) if a.matches(r)] + [len(self.core)]) for r in runs}
         self.labels = sorted({r.label for r in self.runs}, key=lambda label: (rank[label], label))
+        self.groups = [(label, [r for r in self.runs if r.label == label]) for label in self.labels]
 
     def of(self, a) -> list[Run]:
         """The runs of an arm (a spec entry or suite.Arm); pi_sft: one per seed, its base scores as scores."""
@@ -175,9 +178,6 @@ class Report:
     def name(self, a) -> str:
         """An arm's display name: the labels its rows recorded (the spec's name if it has none)."""
         return " / ".join(sorted({r.label for r in self.of(a)})) or (a if hasattr(a, "matches") else arm(a)).name
-
-    def groups(self) -> list[tuple[str, list[Run]]]:
-        return [(label, [r for r in self.runs if r.label == label]) for label in self.labels]
 
     @staticmethod
     def stat(runs: list[Run], name: str) -> Stat:
@@ -202,7 +202,7 @@ class Report:
 
     def main(self) -> Table:
         paper, rows, raw = self.paper_rows(), [], []
-        for label, runs in [(PI_SFT, self.of(PI_SFT))] + self.groups():
+        for label, runs in [(PI_SFT, self.of(PI_SFT))] + self.groups:
             cells, values = self.cells(label, runs, self.accuracy)
             diverged = sum(r.status == "diverged" for r in runs)  # no scores: they count here only
             rows.append(cells + [f"{len(runs) - diverged}" + (f" (+{diverged} diverged)" if diverged else "")])
@@ -234,34 +234,34 @@ class Report:
                 out.setdefault(label, []).append((method, numbers))
         return out
 
-    def reach(self, runs: list[Run]) -> dict:
-        ref = self.spec.get("cost", {})
-        return C.speedup([r.curve for r in self.of(ref.get("reference", ""))], [r.curve for r in runs], 1.0,
-                         ref.get("margin", 0.0))
-
     def cost(self) -> Table:
-        stages = sorted({s for r in self.runs for s in r.stages}, key=lambda s: (s.startswith("eval"), s != "train", s))
-        def col(s: str, label: str) -> dict:
-            return {"metric": s if s == "spent_device_s" else f"device_s.{s}", "label": label, "format": "h"}
+        ref = self.spec.get("cost", {})
+        reference, margin = ref.get("reference", ""), ref.get("margin", 0.0)
 
-        cols = [col(s, f"{s} (h)") for s in stages if not s.startswith("eval")] + [col("spent_device_s", "charged "
-                "total (h)")] + [col(s, f"{s}, not charged (h)") for s in stages if s.startswith("eval")]
+        def reach(runs: list[Run]) -> dict:
+            return C.speedup([r.curve for r in self.of(reference)], [r.curve for r in runs], 1.0, margin)
+
+        def hours(column: str, label: str) -> dict:
+            return {"metric": column, "label": label, "format": "h"}
+
+        stages = sorted({s for r in self.runs for s in r.stages}, key=lambda s: (s.startswith("eval"), s != "train", s))
+        cols = [hours(f"device_s.{s}", f"{s} (h)") for s in stages if not s.startswith("eval")]
+        cols += [hours("spent_device_s", "charged total (h)")]
+        cols += [hours(f"device_s.{s}", f"{s}, not charged (h)") for s in stages if s.startswith("eval")]
         rows, raw = [], []
-        for label, runs in self.groups():
-            cells, values = self.cells(label, runs, cols)
-            sp, costs = self.reach(runs), self.reach(runs)["costs"]
-            to_reach = None if sp["ratio"] is None else statistics.fmean(costs) / 3600
+        for label, runs in self.groups:
+            (cells, values), sp = self.cells(label, runs, cols), reach(runs)
+            costs, ratio = sp["costs"], sp["ratio"]
+            to_reach = None if ratio is None else statistics.fmean(costs) / 3600
             rows.append(cells + [f"{to_reach:.3g}" if to_reach is not None else f"not reached ({costs.count(None)}/"
                                  f"{len(costs)})" if None in costs else "—",
-                                 "—" if sp["ratio"] is None else f"{sp['ratio']:.2f}x", str(len(runs))])
-            raw.append({**values, "to_reach.device_h": to_reach, "speedup": sp["ratio"]})
-        ref = self.spec.get("cost", {})
-        why = self.reach(self.of(ref.get("reference", "")))["why"]
+                                 "—" if ratio is None else f"{ratio:.2f}x", str(len(runs))])
+            raw.append({**values, "to_reach.device_h": to_reach, "speedup": ratio})
+        why = reach(self.of(reference))["why"]
         note = ("Device-hours (device-seconds / 3600, mean over seeds) by stage; evaluations are recorded, not "
                 "charged. 'To reach': the mean over seeds of the charged device time at which a seed's accuracy curve "
                 "(0/25/50/75/100% of the budget, averaged over tasks) first comes within "
-                f"{100 * ref.get('margin', 0):g} point of {self.name(ref.get('reference', ''))}'s seed-mean final "
-                "accuracy, linear between points; "
+                f"{100 * margin:g} point of {self.name(reference)}'s seed-mean final accuracy, linear between points; "
                 "'not reached (k/n)': k seeds never did; speedup = the reference's cost (its seed-mean curve) / that "
                 "mean." + (f" Not computed: {why}." if "nothing to reach" in why else ""))
         return Table("cost", "Cost table: device-hours by stage and speedup vs the reference", ["method"] + [
@@ -358,14 +358,10 @@ def _busy_seconds(runs: list[Run]) -> float | None:
     """Wall time with at least one of these runs in progress: the union of their intervals, so idle gaps
     (between separate suite invocations, or before a suite was continued) do not count."""
     spans = sorted(r.interval for r in runs if r.interval)
-    if not spans:
-        return None
-    busy, (lo, hi) = 0.0, spans[0]
-    for start, end in spans[1:]:
-        if start > hi:  # nothing was running in between: close the interval
-            busy, lo = busy + (hi - lo).total_seconds(), start
-        hi = max(hi, end)
-    return busy + (hi - lo).total_seconds()
+    busy, reached = timedelta(0), spans[0][0] if spans else None
+    for start, end in spans:  # by start time: count only what runs past the latest end so far
+        busy, reached = busy + max(end - max(start, reached), timedelta(0)), max(reached, end)
+    return busy.total_seconds() if spans else None
 
 
 def _duration(runs: list[Run]) -> str:
@@ -408,19 +404,18 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
     lrs = sorted(r.lr for r in runs if r.lr is not None)
     shared = cfg.train.lr if not lrs or any(math.isclose(x, cfg.train.lr, rel_tol=1e-9) for x in lrs) else \
         max(lrs, key=lambda x: (lrs.count(x), -x))
-    rep = Report(runs, spec, preset, budget or "", shared)
-    rep.other_worlds = len(rows) - len(runs)
+    rep, other_worlds = Report(runs, spec, preset, budget or "", shared), len(rows) - len(runs)
     out, names = Path(out), ["claims", "main", "cost", *spec.get("tables", {}), "best-lr"]
     out.mkdir(parents=True, exist_ok=True)
-    for path in [out / f"{t}.{ext}" for t in names for ext in ("md", "tex", "csv")] + [
+    for path in [out / f"{t}.{ext}" for t in names for ext in EXTS] + [
             out / f for f in [*spec.get("figures", {}), "README.md"]]:
         path.unlink(missing_ok=True)  # what an earlier report wrote and this one may not (a table without data now)
-    tables = [t for t in [rep.claims(), rep.main(), rep.cost(), *[rep.table(n, t) for n, t in spec.get(
-        "tables", {}).items()], rep.best_lr()] if t is not None] if rep.runs else []
+    tables = [rep.claims(), rep.main(), rep.cost(), *(rep.table(n, t) for n, t in spec.get("tables", {}).items()),
+              rep.best_lr()] if rep.runs else []
+    tables = [t for t in tables if t is not None]
     for t in tables:
-        (out / f"{t.name}.md").write_text(f"## {t.title}\n\n{t.markdown()}\n{t.note}\n")
-        (out / f"{t.name}.tex").write_text(t.latex())
-        (out / f"{t.name}.csv").write_text(t.csv())
+        for ext, text in t.files().items():
+            (out / f"{t.name}.{ext}").write_text(text)
     figures = draw_figures(rep, out) if rep.runs else []
     statuses = {s: sum(r.status == s for r in rep.all) for s in sorted({r.status for r in rep.all})}
     lines = [f"# opd-bench report: preset `{preset}`, budget {rep.budget or '—'}", "",
@@ -430,7 +425,7 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
              f"({', '.join(f'{n} {s}' for s, n in statuses.items())}); {len(rep.runs)} at the shared learning rate "
              f"{rep.lr:g}" + (f"; other budgets in the file, not shown: {', '.join(b for b in budgets if b != budget)}"
                               if len(budgets) > 1 else "")
-             + (f"; {rep.other_worlds} rows of an older world (another pi_sft) left out" if rep.other_worlds else ""),
+             + (f"; {other_worlds} rows of an older world (another pi_sft) left out" if other_worlds else ""),
              f"- charged device time: {sum(r.spent_s for r in runs) / 3600:.3g} device-hours; all recorded stages "
              f"(with evaluations): {sum(sum(r.stages.values()) for r in runs) / 3600:.3g} device-hours",
              f"- how long it took: {_duration(runs)}; per suite command under Commands",
@@ -442,7 +437,7 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
         lines += ["No runs of this preset and budget yet.", ""]
     for t in tables:
         lines += [f"## {t.title}", "", t.markdown(), t.note, "",
-                  f"Files: [{t.name}.md]({t.name}.md), [{t.name}.tex]({t.name}.tex), [{t.name}.csv]({t.name}.csv)", ""]
+                  "Files: " + ", ".join(f"[{t.name}.{ext}]({t.name}.{ext})" for ext in EXTS), ""]
     absent = [n for n in names if n not in {t.name for t in tables}]
     if absent and rep.runs:
         lines += [f"Not in this report (fewer than two of their arms have runs, or no swept learning rate): "
