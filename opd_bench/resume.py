@@ -443,5 +443,9 @@ def stopped_by_launcher(ranks: Ranks):
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        # The run is failing (a rank died, or this SIGTERM): the launcher's SIGTERM, which may arrive any moment
+        # now, must not kill this process before run.py has printed its one line (torchrun SIGKILLs it later).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    signal.signal(signal.SIGTERM, previous)
