@@ -4,7 +4,7 @@ Usage: python benchmarks/tip_memory.py [--positions 512] [--hidden 256] [--path 
 
 A random-init student and teacher with the real Qwen3 vocabulary (151,936 tokens); their hidden states are made
 first (not measured). Measured: the allocator peak (torch.profiler's CPU memory events, cumulated in time order;
-not the process RSS) of the loss computation through the real `trainer.Signals`: the entropy rule's selection
+not the process RSS) of the loss computation through the real `token_signals.Signals`: the entropy rule's selection
 (top `fraction` by student entropy) plus `divergence_on(kept)` plus its backward, for kept fractions 1.0 (all
 tokens: the full-kl arm), 0.5 and 0.2, in the dense path (CPU default: logits of the kept rows materialized) and
 the chunked path (GPU default: TRL's chunked kernels, never a (rows, V) tensor). The TIP paper reports up to
@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from opd_bench.ledger import StageCost
 from opd_bench.methods.base import Data, Reads
 from opd_bench.methods.tip import TIP
-from opd_bench.trainer import Signals
+from opd_bench.token_signals import Signals
 
 VOCAB = 151_936
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from transformers import TrainerCallback
 
 from opd_bench.errors import UserError
-from opd_bench.ledger import PRICE, GpuPrice, StageCost, modeled_seconds, totals
+from opd_bench.ledger import PRICE, GpuPrice, StageCost, modeled_seconds
 
 CLOCKS = ("wall", "modeled")
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "flop": 1.0}

@@ -240,7 +240,7 @@ def suite(seeds: int = typer.Option(3, "--seeds", help="seeds per run (the prese
     per_run = () if any(o.startswith("eval.workers=") for o in common) else \
         (f"eval.workers={max(1, (os.cpu_count() or 1) // workers)}",)
     if todo:
-        console.print(f"preparing the shared world and pi_sft's evaluation (cached) ...")
+        console.print("preparing the shared world and pi_sft's evaluation (cached) ...")
         S.prepare_shared(preset, common, sorted({s.seed for s in todo}))
     start = _time.perf_counter()
     outcomes = S.execute(todo, preset, common + per_run, workers=workers, console=console,

@@ -295,7 +295,7 @@ def test_planted_vopd_baseline_sign_flip_is_caught(env, monkeypatch):
 
 
 def test_planted_exopd_reference_swapped_for_the_teacher_is_caught(env, monkeypatch):
-    from opd_bench.trainer import Signals
+    from opd_bench.token_signals import Signals
 
     monkeypatch.setattr(Signals, "ref_logp", property(lambda s: s.teacher_logp))
     with pytest.raises(AssertionError):
@@ -303,7 +303,7 @@ def test_planted_exopd_reference_swapped_for_the_teacher_is_caught(env, monkeypa
 
 
 def test_planted_vopd_top_k_ignored_is_caught(env, monkeypatch):
-    from opd_bench.trainer import Signals
+    from opd_bench.token_signals import Signals
 
     monkeypatch.setattr(Signals, "topk_kl", lambda s, k: s.kl)
     with pytest.raises(AssertionError):

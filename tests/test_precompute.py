@@ -39,17 +39,6 @@ if __name__ == "__main__":
 '''
 
 
-def _tiny(path: Path, seed: int) -> Path:
-    from opd_bench.micro.models import new_model
-    from opd_bench.micro.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    new_model(tokenizer, seed=seed, layers=1, hidden=16, heads=2, intermediate=32, max_positions=256
-              ).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _build(script: Path, student: Path, teacher: Path, artifacts: Path, kill_at: str | None = None):
     env = {k: v for k, v in os.environ.items() if k != "OPD_BENCH_KILL_AT"}
     if kill_at:
@@ -69,12 +58,12 @@ def _pids(stage: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_crash_after_shard_k_resumes_at_shard_k_plus_1_with_identical_data(tmp_path, monkeypatch):
+def test_a_crash_after_shard_k_resumes_at_shard_k_plus_1_with_identical_data(tmp_path, monkeypatch, tiny_model):
     from opd_bench import logprobs, offline
     from opd_bench.cache import read_manifest
     from opd_bench.errors import UserError
 
-    student, teacher = _tiny(tmp_path / "student", 0), _tiny(tmp_path / "teacher", 1)
+    student, teacher = tiny_model(tmp_path / "student", 0, 256), tiny_model(tmp_path / "teacher", 1, 256)
     script = tmp_path / "build.py"
     script.write_text(SCRIPT)
 

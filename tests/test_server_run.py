@@ -71,7 +71,7 @@ def test_server_scoring_equals_in_process_scoring(env):
 
 
 def test_top_k_from_the_server_is_a_marked_lower_bound_of_the_full_kl(env):
-    from opd_bench.trainer import Signals
+    from opd_bench.token_signals import Signals
 
     local = _trainer(env, "vopd", False)
     vocab = local.model.config.vocab_size

@@ -174,7 +174,7 @@ def test_sampler_ratio_with_clip_is_a_trust_region_around_the_rollouts(smoke):
     data = Dataset.from_list(rows)
     trainer, _ = _trainer(smoke, "lightning-opd", ["method.params.ratio=sampler"], dataset=data)
     batch = trainer._offline_batch(rows)
-    from opd_bench.trainer import Signals
+    from opd_bench.token_signals import Signals
 
     current = Signals(trainer, trainer.model, batch, batch["num_items_in_batch"]).student_logp.detach()
     # teacher log-prob 0 > log pS: A > 0 everywhere. Sampler 1 nat below the current model: rho = e > 1.2.

@@ -39,22 +39,11 @@ def fake_vllm(monkeypatch, tmp_path):
         del sys.modules[name]
 
 
-def _tiny(path: Path, seed: int) -> Path:
-    from opd_bench.micro.models import new_model
-    from opd_bench.micro.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    new_model(tokenizer, seed=seed, layers=1, hidden=16, heads=2, intermediate=32, max_positions=512
-              ).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("vllm-glue-models")
-    return {"student": _tiny(root / "student", 0), "teacher": _tiny(root / "teacher", 1),
-            "checkpoint": _tiny(root / "checkpoint", 2)}
+    return {"student": tiny_model(root / "student", 0), "teacher": tiny_model(root / "teacher", 1),
+            "checkpoint": tiny_model(root / "checkpoint", 2)}
 
 
 def _cfg(tmp_path, *sets):
@@ -123,8 +112,6 @@ def test_hub_ids_pass_unchanged(fake_vllm, models, tmp_path, monkeypatch):
     assert gens[0]["params"]["n"] == 1 and gens[1]["params"]["prompt_logprobs"] == 0
     (init,) = [r for r in fake_vllm() if r["event"] == "init"]
     assert init["settings"]["model"] == "Qwen/Qwen3-8B"
-    # The trainer's engine: TRL is given the model object and reads its name_or_path, which we do not rewrite.
-    from opd_bench.models import load_model  # noqa: F401  (load_model passes str(path) unchanged)
 
 
 def test_engines_end_before_the_hf_teacher_loads(fake_vllm, models, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ A method file defines a `Method` subclass and registers one instance of it (`reg
   data(p)            what its training batches are made of (`Data`: online or offline rollouts, which
                      teacher, which per-token signals the loss reads); the trainer, the offline stages and
                      preflight compute exactly what this declares, and never look at the method's name
-  loss(s, p)         the loss of one micro-batch from the per-token signals `s` (trainer.Signals), written
+  loss(s, p)         the loss of one micro-batch from the per-token signals `s` (token_signals.Signals), written
                      with the pinned primitives of `opd_bench.signals`; returns a `Loss`
   check(p)           settings it cannot run, as one-line UserErrors (optional)
   trainer(ctx, p)    a trainer of its own instead of the OPD trainer (optional; sft-continue)
