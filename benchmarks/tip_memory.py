@@ -3,12 +3,13 @@
 Usage: python benchmarks/tip_memory.py [--positions 512] [--hidden 256] [--path dense|chunked|both]
 
 A random-init student and teacher with the real Qwen3 vocabulary (151,936 tokens); their hidden states are made
-first (not measured). Measured: the allocator peak (torch.profiler's CPU memory events, cumulated in time order;
-not the process RSS) of the loss computation through the real `token_signals.Signals`: the entropy rule's selection
-(top `fraction` by student entropy) plus `divergence_on(kept)` plus its backward, for kept fractions 1.0 (all
-tokens: the full-kl arm), 0.5 and 0.2, in the dense path (CPU default: logits of the kept rows materialized) and
-the chunked path (GPU default: TRL's chunked kernels, never a (rows, V) tensor). The TIP paper reports up to
-47% less peak memory at entropy-50% (arXiv 2604.14084).
+first (not measured). Measured: the allocator peak (opd_bench.memory.peak_bytes: torch.profiler's CPU memory events,
+cumulated in time order; not the process RSS; what the trainer records as loss_peak_mb) of the loss computation
+through the real `token_signals.Signals`: the entropy rule's selection (top `fraction` by student entropy) plus
+`divergence_on(kept)` plus its backward, for kept fractions 1.0 (all tokens: the full-kl arm), 0.5 and 0.2, in the
+dense path (CPU default: logits of the kept rows materialized) and the chunked path (GPU default: TRL's chunked
+kernels, never a (rows, V) tensor). The TIP paper reports up to 47% less peak memory at entropy-50% (arXiv
+2604.14084).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import argparse
 from types import SimpleNamespace
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from opd_bench.ledger import StageCost
+from opd_bench.memory import peak_bytes
 from opd_bench.methods.base import Data, Reads
 from opd_bench.methods.tip import TIP
 from opd_bench.token_signals import Signals
@@ -36,16 +37,11 @@ def model(hidden: int, seed: int):
     return Qwen3ForCausalLM(config).float()
 
 
-def peak_bytes(fn) -> int:
-    """Max over time of the cumulated allocations minus frees that torch's CPU allocator reports during fn()."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    level = peak = 0
-    for e in events:
-        level += e.self_cpu_memory_usage
-        peak = max(peak, level)
-    return peak
+def frozen(model, fn, *args):
+    """OPDTrainer._frozen for an unwrapped model: fn(model, *args) in eval mode, without gradient."""
+    model.eval()
+    with torch.no_grad():
+        return fn(model, *args)
 
 
 def measure(student, teacher, positions: int, fraction: float, chunked: bool) -> int:
@@ -53,7 +49,7 @@ def measure(student, teacher, positions: int, fraction: float, chunked: bool) ->
     hidden_t = torch.randn(1, positions, teacher.config.hidden_size)
     trainer = SimpleNamespace(temperature=1.0, chunked=chunked, cost=StageCost("bench"), n_student=0, n_teacher=0,
                               teacher_model=teacher, accelerator=SimpleNamespace(unwrap_model=lambda m: m),
-                              data=Data(reads=Reads(entropy=True, teacher_distribution=True)))
+                              _frozen=frozen, data=Data(reads=Reads(entropy=True, teacher_distribution=True)))
     inputs = {"completion_ids": torch.randint(VOCAB, (1, positions)),
               "completion_mask": torch.ones(1, positions, dtype=torch.long),
               "prompt_ids": torch.zeros(1, 0, dtype=torch.long), "prompt_mask": torch.zeros(1, 0, dtype=torch.long)}

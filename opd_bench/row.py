@@ -99,7 +99,7 @@ def git_commit() -> str:
 def log_means(log_history: list[dict]) -> dict:
     """Means over training of the logged per-step diagnostics (trainer.log_history entries)."""
     keys = {"opd/grad_var": "grad_var", "opd/grad_norm2": "grad_norm2", "opd/tokens_kept": "tokens_kept",
-            "opd/advantage_var": "advantage_var", "loss": "train_loss"}
+            "opd/advantage_var": "advantage_var", "opd/loss_peak_mb": "loss_peak_mb", "loss": "train_loss"}
     out = {}
     for key, name in keys.items():
         values = [e[key] for e in log_history if isinstance(e.get(key), (int, float))]
@@ -122,14 +122,17 @@ def status_of(metrics: dict) -> str:
 
 
 def peak_memory_mb() -> dict:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes) and, on GPU, peak allocated."""
+    """This process's peak resident memory (Linux reports KiB, macOS bytes) and, on GPU, peak allocated (the loss's
+    own peak, `loss_peak_mb`, is the trainer's: log_means)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 2**10)}
     try:
         import torch
 
         if torch.cuda.is_available():
-            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            from opd_bench.memory import process_peak_gpu_bytes
+
+            out["peak_gpu_mb"] = process_peak_gpu_bytes() / 2**20  # across the loss measurement's reset
     except ImportError:  # pragma: no cover
         pass
     return out

@@ -40,6 +40,7 @@ from opd_bench.config import RunConfig
 from opd_bench.errors import UserError
 from opd_bench.ledger import StageCost
 from opd_bench.logprobs import check_plain_head, completion_logps, n_params
+from opd_bench.memory import AllocatorPeak
 from opd_bench.methods.base import Data, Loss, Rollouts
 from opd_bench.token_signals import Signals
 
@@ -78,6 +79,7 @@ class OPDTrainer(DistillationTrainer):
         self.teacher_server, self.server_topk = teacher_server, server_topk
         self.approximation: str | None = None  # set when a served teacher's top-k stands for its distribution
         self.rows_trained = 0  # sequences this process trained on (tests: the global batch is the preset's)
+        self._loss_peak: AllocatorPeak | bool = False  # False: not measured yet in this attempt (see training_step)
         n_ref = n_params(ref_model) if ref_model is not None else 0  # before any sharding
         super().__init__(**kwargs)
         check_plain_head(self.model)
@@ -177,6 +179,10 @@ class OPDTrainer(DistillationTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._grad_variance_due():
             self._log_grad_variance(model, inputs)
+        if self._loss_peak is True and not getattr(self, "_measuring", False):  # armed by training_step: from
+            with self._off_the_clock():  # here (the step's own loss, not a gradient-variance group's) to the end
+                # of its backward; the profiler's start-up (a second, the first time) is not the method's
+                self._loss_peak = self._loss_window.enter_context(AllocatorPeak(self.accelerator.device))
         # The global token count from generation, clamped: an all-empty batch must give 0, not 0/0 = NaN
         # (the TRL IWOPD bug in reference/trl.md). Divided by the process count because DDP averages gradients.
         count = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -207,6 +213,37 @@ class OPDTrainer(DistillationTrainer):
         if "entropy" in s.__dict__:  # logged only when the method computed it
             m["opd/entropy"].append((s.entropy.masked_fill(~s.mask, 0).sum() / n).item())
 
+    # --- the loss's peak memory (TIP's claim): measured on the attempt's first micro-batch -------------------
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        """Once per attempt (the CPU profiler is slow): `opd/loss_peak_mb`, the allocator's peak (memory.py) from
+        the loss computation's start (after generation, scoring and any gradient-variance measurement) to the
+        end of its backward: Signals, the method's loss and the backward of this very step, computed once, so
+        the step trains as any other. Starting the profiler and reading its events is off the budget's clock."""
+        if self._loss_peak is not False:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._loss_peak, self._loss_window = True, ExitStack()
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            with self._off_the_clock():
+                self._loss_window.close()
+        peak = self._loss_peak
+        if isinstance(peak, AllocatorPeak):
+            with self._off_the_clock():
+                self._metrics["train"]["opd/loss_peak_mb"].append(peak.bytes / 2**20)
+        return loss
+
+    def _off_the_clock(self) -> ExitStack:
+        """The budget's wall clock paused (diagnostics are not the method's spend)."""
+        from opd_bench.budget import BudgetCallback
+
+        clocks = ExitStack()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, BudgetCallback):
+                clocks.enter_context(callback.pause())
+        return clocks
+
     # --- gradient variance: a diagnostic (vOPD's claim), measured on logging steps only -----------------
 
     GRAD_VAR_GROUPS = 4  # row groups per measured micro-batch (3 degrees of freedom per measurement)
@@ -226,8 +263,6 @@ class OPDTrainer(DistillationTrainer):
         """Log `opd/grad_var` (gradient_variance over row groups of this micro-batch, through the method's own
         loss; TIP selects tokens within each group) and `opd/grad_norm2`. The training step itself is unchanged;
         the measurement's FLOPs and signals are not recorded, and its time is given back to the budget's clock."""
-        from opd_bench.budget import BudgetCallback
-
         rows = inputs["completion_ids"].shape[0]
         if rows < 2:
             return
@@ -237,10 +272,7 @@ class OPDTrainer(DistillationTrainer):
             sub = {k: v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v for k, v in inputs.items()}
             return lambda: self.compute_loss(model, sub)
 
-        with ExitStack() as clocks:
-            for callback in self.callback_handler.callbacks:  # like the curve evaluations, a diagnostic must not
-                if isinstance(callback, BudgetCallback):  # cost the method training steps
-                    clocks.enter_context(callback.pause())
+        with self._off_the_clock():  # like the curve evaluations, a diagnostic must not cost the method steps
             self._metrics["train"], self.cost, self._measuring = defaultdict(list), StageCost(stage="grad-var"), True
             try:
                 params = [p for p in model.parameters() if p.requires_grad]
