@@ -43,6 +43,15 @@ class Training(Section):
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")
     examples: int = Field(64000, ge=1, description="teachers: distinct generated problems (epochs = steps*batch/"
                           "examples); the student trains on world.sft_prompts teacher samples instead")
+    eval_every: int | None = Field(None, ge=1, description="early stopping: every this many steps, the loss on "
+                                   "held-out teacher samples (world.sft_heldout); training stops after `patience` "
+                                   "evaluations without a new best and the best checkpoint is kept (None: all steps)")
+    patience: int = Field(5, ge=1, description="early stopping: evaluations without a new best before it stops")
+
+    def key(self) -> dict:
+        """The fields that change what this stage trains (the early-stopping ones only when early stopping is on,
+        so stage keys of worlds built without it stay as they were)."""
+        return self.model_dump(exclude=None if self.eval_every else {"eval_every", "patience"})
 
 
 class HFWorld(Section):
@@ -73,6 +82,11 @@ class World(Section):
     student_training: Training = Field(default_factory=Training)
     math_fraction: float = Field(0.6, ge=0, le=1, description="share of micro-math in training mixes")
     sft_prompts: int = Field(16000, ge=1, description="training prompts teacher A answers for sft_data")
+    sft_heldout: int = Field(0, ge=0, description="more prompts teacher A answers, held out of pi_sft's training: "
+                             "the loss its early stopping reads (student_training.eval_every)")
+    student_seed: int | None = Field(None, description="seed of pi_sft alone (its SFT data's prompts and samples, "
+                                     "its init and data order), the teachers unchanged (None: world.seed); how much "
+                                     "pi_sft moves with it is the world's own seed spread")
     corrections: float = Field(0.0, ge=0, le=1, description="teachers' micro-math data: share of steps first "
                                "written wrong, then corrected (`46*2=93!92`, the wrong result out of the loss)")
     sft_temperature: float = Field(0.7, ge=0, description="teacher A's sampling temperature for sft_data")

@@ -26,7 +26,8 @@ from opd_bench.tasks import TaskCard
 def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_per_split: int | None = None,
              batch_size: int = 128, workers: int = 1, seed: int = 0, k: int | None = None,
              max_new_tokens: int | None = None, temperature: float | None = None, backend: str = "hf",
-             vllm=None) -> dict:
+             vllm=None, greedy: bool = True) -> dict:
+    """`greedy`: when the card asks for it (greedy_beside), also the greedy accuracy, as metrics["greedy"]."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = card.load_problems(n_per_split)
@@ -48,11 +49,28 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
                for (p, prompt, i, c), v in zip(jobs, verdicts)]
     metrics = {"task": card.tag, "protocol": params_protocol(card, params), **aggregate(records),
                "generated_tokens": sum(r["completion_tokens"] for r in records)}
+    if greedy and card.greedy_beside and params.temperature > 0:
+        metrics["greedy"] = _greedy_accuracy(model_dir, card, problems, prompts, params, batch_size=batch_size,
+                                             workers=workers, backend=backend, vllm=vllm)
     if backend == "vllm":
         metrics["engine"] = engine
     _write_jsonl(out_dir / "samples.jsonl", records)
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _greedy_accuracy(model_dir, card: TaskCard, problems, prompts, params: SamplingParams, **gen) -> dict:
+    """The share of problems the greedy completion solves, overall and per split (the same problems)."""
+    greedy = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=params.max_new_tokens, seed=params.seed)
+    completions = generate(model_dir, prompts, greedy, desc=f"eval {card.name} (greedy)", **gen)
+    scorer = SCORERS[card.scorer]
+    with ThreadPoolExecutor(max_workers=1 if card.scorer == "math" else 4) as pool:
+        correct = list(pool.map(lambda pc: scorer(pc[1][0].text, pc[0].answer).correct, zip(problems, completions)))
+    per_split: dict[str, list[bool]] = {}
+    for p, ok in zip(problems, correct):
+        per_split.setdefault(p.split, []).append(ok)
+    return {"accuracy": sum(correct) / len(correct),
+            "per_split": {s: sum(v) / len(v) for s, v in sorted(per_split.items())}}
 
 
 def params_protocol(card: TaskCard, params: SamplingParams) -> dict:

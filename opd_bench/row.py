@@ -37,6 +37,10 @@ def build_row(r, run_id: str, ledger, metrics: dict, world, command: str | None)
         row[f"{tag}.k"] = m["k"]
         if tag in before:
             row[f"{tag}.base_avg@k"] = before[tag]["avg@k"]
+        if "greedy" in m:  # beside a sampled primary metric (the card's greedy_beside)
+            row[f"{tag}.greedy"] = m["greedy"]["accuracy"]
+            if "greedy" in before.get(tag, {}):
+                row[f"{tag}.base_greedy"] = before[tag]["greedy"]["accuracy"]
     row["command"] = command or (f"opd-bench run --method {r.method.name} --budget {budget.spec} "
                                  f"--preset {cfg.preset} --seed {cfg.seed}")
     row["run_dir"] = str(Path(cfg.runs_dir) / run_id)

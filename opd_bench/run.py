@@ -55,7 +55,8 @@ from opd_bench.worlds import WorldModels, load_world
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: StageCost) -> dict:
+def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: StageCost, greedy: bool = True) -> dict:
+    """Every task of the preset; `greedy`: also the greedy accuracy where a card asks for it (not on curve points)."""
     from opd_bench.evaluation import evaluate
     from opd_bench.generation import count_params
     from opd_bench.registry import TASKS
@@ -66,17 +67,17 @@ def evaluate_tasks(cfg: RunConfig, model_dir, out_dir: Path, n_per_split, cost: 
         card = TASKS.get(name)
         m = evaluate(model_dir, card, out_dir / f"{card.name}-v{card.version}", n_per_split=n_per_split,
                      batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, seed=cfg.seed, backend=cfg.eval.backend,
-                     vllm=cfg.vllm)
+                     vllm=cfg.vllm, greedy=greedy)
         cost.generate(n_params, m["generated_tokens"])
         results[card.tag] = m
         crash_point(f"{cost.stage}:{card.name}")
     return results
 
 
-def _timed_eval(cfg, model_dir, out_dir, n_per_split, stage: str, ledger: Ledger) -> dict:
+def _timed_eval(cfg, model_dir, out_dir, n_per_split, stage: str, ledger: Ledger, greedy: bool = True) -> dict:
     cost = StageCost(stage=stage, extra={"charged": False})
     start = time.perf_counter()
-    results = evaluate_tasks(cfg, model_dir, out_dir, n_per_split, cost)
+    results = evaluate_tasks(cfg, model_dir, out_dir, n_per_split, cost, greedy)
     cost.wall_seconds = time.perf_counter() - start
     ledger.stages = [s for s in ledger.stages if s.stage != stage]  # re-run after a crash: the last one counts
     ledger.add(cost)
@@ -408,7 +409,7 @@ def _train_phase(r: Resolved, world: WorldModels, tokenizer, teacher: str, ledge
 
         def evaluate_point() -> None:
             tokenizer.save_pretrained(str(folder / "model"))
-            _timed_eval(cfg, folder / "model", folder, n_curve, f"eval@{round(100 * mark)}%", ledger)
+            _timed_eval(cfg, folder / "model", folder, n_curve, f"eval@{round(100 * mark)}%", ledger, greedy=False)
             shutil.rmtree(folder / "model")  # the scores stay; the weights are re-creatable, not needed
             curve.append({"mark": mark, **spend, "step": trainer.state.global_step,
                           "avg@k": subset_scores(folder, n_curve)})

@@ -46,8 +46,10 @@ def tokenize_pairs(tokenizer, prompts: list[str], completions: list[str],
 
 def sft_config(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int, max_length: int,
                accumulation: int = 1, scheduler: str = "cosine", warmup_steps: int = 0, adam_beta2: float = 0.999,
-               max_grad_norm: float = 1.0, logging_steps: int = 50, tokens_seen: str = "all", quiet: bool = True):
-    """SFTConfig for every SFT stage here (the world's teachers and student, continued SFT); CPU-safe (trl.md)."""
+               max_grad_norm: float = 1.0, logging_steps: int = 50, tokens_seen: str = "all", quiet: bool = True,
+               **extra):
+    """SFTConfig for every SFT stage here (the world's teachers and student, continued SFT); CPU-safe (trl.md).
+    `extra`: further SFTConfig fields (early stopping's evaluation and saving)."""
     import torch
     from trl import SFTConfig
 
@@ -57,30 +59,45 @@ def sft_config(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: i
         gradient_accumulation_steps=accumulation, learning_rate=lr, lr_scheduler_type=scheduler,
         warmup_steps=warmup_steps, weight_decay=0.0, adam_beta2=adam_beta2, max_grad_norm=max_grad_norm,
         max_length=max_length, use_cpu=not gpu, bf16=gpu, gradient_checkpointing=False,
-        save_strategy="no", report_to=[], logging_steps=logging_steps, seed=seed, data_seed=seed,
+        report_to=[], logging_steps=logging_steps, seed=seed, data_seed=seed,
         dataloader_num_workers=0, include_num_input_tokens_seen=tokens_seen, dataset_num_proc=None,
-        disable_tqdm=quiet)
+        disable_tqdm=quiet, **{"save_strategy": "no", **extra})
 
 
 def train_sft(model, tokenizer, dataset, training: Training, out_dir: Path, *, seed: int,
               max_steps: int | None = None, max_length: int = 256, callbacks: list | None = None,
-              lr_scheduler: str = "cosine") -> dict:
+              lr_scheduler: str = "cosine", eval_dataset=None) -> dict:
     """Train `model` in place; returns the tokens processed and the last logged loss.
 
-    `callbacks` are TRL/transformers TrainerCallbacks (e.g. a budget that stops training).
+    `callbacks` are TRL/transformers TrainerCallbacks (e.g. a budget that stops training). With
+    `training.eval_every` and an `eval_dataset` (held-out teacher samples), transformers' early stopping:
+    the held-out loss every `eval_every` steps, a stop after `patience` evaluations without a new best, and
+    the best checkpoint loaded at the end (the student is converged on its own data, not on its step count).
     """
+    from transformers import EarlyStoppingCallback
     from trl import SFTTrainer
 
     # cosine: annealed to 0, the model ends converged for its budget
+    early = bool(training.eval_every and eval_dataset is not None)
+    stopping = dict(eval_strategy="steps", save_strategy="steps", eval_steps=training.eval_every,
+                    save_steps=training.eval_every, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                    greater_is_better=False, save_total_limit=2, save_only_model=True,  # the best and the newest
+                    per_device_eval_batch_size=4 * training.batch_size) if early else {}
     args = sft_config(out_dir / "trainer", steps=max_steps or training.steps, batch_size=training.batch_size,
                       lr=training.lr, seed=seed, max_length=max_length, scheduler=lr_scheduler,
-                      warmup_steps=training.warmup_steps, adam_beta2=0.98, quiet=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
+                      warmup_steps=training.warmup_steps, adam_beta2=0.98, quiet=False, **stopping)
+    if early:
+        callbacks = [*(callbacks or []), EarlyStoppingCallback(early_stopping_patience=training.patience)]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, callbacks=callbacks)
     result = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"tokens": int(trainer.state.num_input_tokens_seen), "steps": trainer.state.global_step,
-            "final_loss": float(losses[-1]) if losses else float(result.training_loss)}
+    stats = {"tokens": int(trainer.state.num_input_tokens_seen), "steps": trainer.state.global_step,
+             "final_loss": float(losses[-1]) if losses else float(result.training_loss)}
+    if early:
+        stats |= {"best_step": int(trainer.state.best_global_step or trainer.state.global_step),
+                  "best_heldout_loss": float(trainer.state.best_metric)}
+    return stats
 
 
 def continued_sft_trainer(ctx, dataset):

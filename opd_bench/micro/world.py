@@ -4,7 +4,8 @@
   teacher-a/b   Qwen3-style decoders trained from scratch by SFT on style-A / style-B solutions;
                 built in parallel, one process and one core each
   sft-data      teacher A's samples (temperature 0.7) on fresh training prompts
-  sft-student   the smaller student trained on sft-data to convergence (cosine-annealed): pi_sft
+  sft-student   the smaller student trained on sft-data to convergence: pi_sft (cosine-annealed over its steps,
+                or, with student_training.eval_every, early-stopped on held-out teacher samples' loss)
 """
 
 from __future__ import annotations
@@ -56,24 +57,30 @@ def _tokenizer_inputs() -> dict:
 def _teacher_inputs(cfg: RunConfig, style: str) -> dict:
     w = cfg.world
     return {"tokenizer": stage_dir(cfg.artifacts_dir, "tokenizer", _tokenizer_inputs()).name,
-            "style": style, "arch": w.teacher.model_dump(), "training": w.teacher_training.model_dump(),
+            "style": style, "arch": w.teacher.model_dump(), "training": w.teacher_training.key(),
             "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed,
             "libraries": library_versions(),
             **({"corrections": w.corrections} if w.corrections else {})}  # absent at 0: keys stay as they were
+
+
+def student_seed(cfg: RunConfig) -> int:
+    """pi_sft's own seed (its SFT data and training); the teachers always use the world's."""
+    return cfg.seed if cfg.world.student_seed is None else cfg.world.student_seed
 
 
 def _sft_data_inputs(cfg: RunConfig) -> dict:
     w = cfg.world
     return {"teacher": stage_dir(cfg.artifacts_dir, "teacher-a", _teacher_inputs(cfg, "A")).name,
             "prompts": w.sft_prompts, "temperature": w.sft_temperature, "max_new_tokens": w.max_new_tokens,
-            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": cfg.seed,
-            "libraries": library_versions()}
+            "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": student_seed(cfg),
+            "libraries": library_versions(),
+            **({"heldout": w.sft_heldout} if w.sft_heldout else {})}  # absent at 0: keys stay as they were
 
 
 def _student_inputs(cfg: RunConfig) -> dict:
     w = cfg.world
     return {"sft_data": stage_dir(cfg.artifacts_dir, "sft-data", _sft_data_inputs(cfg)).name,
-            "arch": w.student.model_dump(), "training": w.student_training.model_dump(), "seed": cfg.seed,
+            "arch": w.student.model_dump(), "training": w.student_training.key(), "seed": student_seed(cfg),
             "libraries": library_versions()}
 
 
@@ -110,7 +117,7 @@ def _build_tokenizer(folder: Path, cost: StageCost) -> dict:
 
 def _train_from_scratch(folder: Path, cost: StageCost, tokenizer_dir: Path, arch: Arch, training: Training,
                         prompts: list[str], completions: list[str], seed: int, threads: int,
-                        unlearned: list | None = None) -> dict:
+                        unlearned: list | None = None, heldout: tuple[list[str], list[str]] | None = None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -122,11 +129,12 @@ def _train_from_scratch(folder: Path, cost: StageCost, tokenizer_dir: Path, arch
     model = new_model(tokenizer, seed, **arch.model_dump())
     n_params = sum(p.numel() for p in model.parameters())
     data = tokenize_pairs(tokenizer, prompts, completions, unlearned)
-    stats = train_sft(model, tokenizer, data, training, folder, seed=seed)
+    eval_data = tokenize_pairs(tokenizer, *heldout) if heldout and training.eval_every else None
+    stats = train_sft(model, tokenizer, data, training, folder, seed=seed, eval_dataset=eval_data)
     _drop_trainer_folder(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    cost.train(n_params, stats["tokens"])
+    cost.train(n_params, stats["tokens"])  # held-out evaluations are forward passes, a small share: not counted
     return {"params": n_params, **stats}
 
 
@@ -157,14 +165,19 @@ def _build_sft_data(cfg: RunConfig, teacher_dir: Path) -> tuple[Path, StageCost]
     w = cfg.world
 
     def build(folder: Path, cost: StageCost) -> dict:
-        # A seed distinct from the teachers' data: fresh prompts drawn from the same distribution.
-        problems = training_mix(w.sft_prompts, w.math_fraction, f"sft-data-{cfg.seed}")
-        params = SamplingParams(n=1, temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=cfg.seed)
+        # A seed distinct from the teachers' data: fresh prompts drawn from the same distribution; the held-out
+        # ones (early stopping's) are a draw of their own, so sft_prompts' rows are the same with or without them.
+        seed = student_seed(cfg)
+        problems = training_mix(w.sft_prompts, w.math_fraction, f"sft-data-{seed}")
+        heldout = training_mix(w.sft_heldout, w.math_fraction, f"sft-heldout-{seed}") if w.sft_heldout else []
+        problems += heldout
+        params = SamplingParams(n=1, temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=seed)
         samples = generate(teacher_dir, [p.prompt for p in problems], params, batch_size=cfg.eval.batch_size,
                            workers=cfg.eval.workers, threads=cfg.threads, desc="sft-data: teacher A samples")
         rows = {"problem_id": [p.id for p in problems], "task": [p.task for p in problems],
                 "prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems],
-                "completion": [s[0].text for s in samples]}
+                "completion": [s[0].text for s in samples],
+                "heldout": [False] * w.sft_prompts + [True] * len(heldout)}
         Dataset.from_dict(rows).save_to_disk(str(folder / "data"))
         cost.devices = cfg.eval.workers
         cost.generate(count_params(teacher_dir), sum(len(s[0].token_ids) for s in samples))
@@ -173,19 +186,29 @@ def _build_sft_data(cfg: RunConfig, teacher_dir: Path) -> tuple[Path, StageCost]
     return build_stage(cfg.artifacts_dir, "sft-data", _sft_data_inputs(cfg), build)
 
 
-def load_sft_data(folder: Path):
+def load_sft_data(folder: Path, heldout: bool = False):
+    """pi_sft's own SFT data (heldout=True: the teacher samples its early stopping read instead)."""
     from datasets import load_from_disk
 
-    return load_from_disk(str(folder / "data"))
+    data = load_from_disk(str(folder / "data"))
+    if "heldout" not in data.column_names:  # a world built without held-out samples
+        return data.select([]) if heldout else data
+    return data.filter(lambda flags: [f == heldout for f in flags], input_columns="heldout", batched=True)
 
 
 def _build_student(cfg: RunConfig, paths: dict[str, Path]) -> tuple[Path, StageCost]:
     w = cfg.world
 
     def build(folder: Path, cost: StageCost) -> dict:
-        data = load_sft_data(paths["sft-data"])
+        data, heldout = load_sft_data(paths["sft-data"]), load_sft_data(paths["sft-data"], heldout=True)
+        if w.student_training.eval_every and not len(heldout):
+            from opd_bench.errors import UserError
+
+            raise UserError("world.student_training.eval_every (early stopping) needs held-out teacher samples: "
+                            "set world.sft_heldout, e.g. --set world.sft_heldout=200")
         return _train_from_scratch(folder, cost, paths["tokenizer"], w.student, w.student_training,
-                                   data["prompt"], data["completion"], cfg.seed, cfg.threads)
+                                   data["prompt"], data["completion"], student_seed(cfg), cfg.threads,
+                                   heldout=(heldout["prompt"], heldout["completion"]) if len(heldout) else None)
 
     return build_stage(cfg.artifacts_dir, "sft-student", _student_inputs(cfg), build)
 

@@ -43,6 +43,8 @@ class TaskCard(BaseModel):
     temperature: float = Field(0.0, ge=0, description="0 means greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(128, ge=1)
+    greedy_beside: bool = Field(False, description="a sampled protocol: also decode each problem greedily and "
+                                "report its accuracy beside avg@k (`greedy`; never the primary metric)")
 
     @property
     def tag(self) -> str:
