@@ -38,11 +38,9 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
     engine: dict = {}
     completions = generate(model_dir, prompts, params, batch_size=batch_size, workers=workers,
                            desc=f"eval {card.name}", backend=backend, vllm=vllm, info=engine)
-    scorer = SCORERS[card.scorer]
+    score = _scorer(card)
     jobs = [(p, prompt, i, c) for p, prompt, cs in zip(problems, prompts, completions) for i, c in enumerate(cs)]
-    # Code scoring waits on subprocesses, so threads overlap it; math scoring is fast either way.
-    with ThreadPoolExecutor(max_workers=1 if card.scorer == "math" else 4) as pool:
-        verdicts = list(pool.map(lambda job: scorer(job[3].text, job[0].answer), jobs))
+    verdicts = score([(job[3].text, job[0].answer) for job in jobs])
     records = [{"problem_id": p.id, "split": p.split, "sample": i, "prompt": prompt, "completion": c.text,
                 "extracted": v.extracted, "correct": v.correct, "detail": v.detail,
                 "completion_tokens": len(c.token_ids)}
@@ -50,7 +48,7 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
     metrics = {"task": card.tag, "protocol": params_protocol(card, params), **aggregate(records),
                "generated_tokens": sum(r["completion_tokens"] for r in records)}
     if greedy and card.greedy_beside and params.temperature > 0:
-        metrics["greedy"] = _greedy_accuracy(model_dir, card, problems, prompts, params, batch_size=batch_size,
+        metrics["greedy"] = _greedy_accuracy(model_dir, card, problems, prompts, params, score, batch_size=batch_size,
                                              workers=workers, backend=backend, vllm=vllm)
     if backend == "vllm":
         metrics["engine"] = engine
@@ -59,13 +57,27 @@ def evaluate(model_dir: str | Path, card: TaskCard, out_dir: str | Path, *, n_pe
     return metrics
 
 
-def _greedy_accuracy(model_dir, card: TaskCard, problems, prompts, params: SamplingParams, **gen) -> dict:
+def _scorer(card: TaskCard):
+    """verdicts(pairs of (completion, answer)), each distinct pair scored once: a verdict depends on nothing else, and
+    a sampled evaluation repeats itself often (the same program k times, the greedy one among them), while a code
+    verdict costs a sandboxed subprocess (tens of ms)."""
+    scorer, seen = SCORERS[card.scorer], {}
+
+    def verdicts(pairs: list[tuple[str, str]]) -> list:
+        todo = list(dict.fromkeys(pair for pair in pairs if pair not in seen))
+        # Code scoring waits on subprocesses, so threads overlap it; math scoring is fast either way.
+        with ThreadPoolExecutor(max_workers=1 if card.scorer == "math" else 4) as pool:
+            seen.update(zip(todo, pool.map(lambda pair: scorer(*pair), todo)))
+        return [seen[pair] for pair in pairs]
+
+    return verdicts
+
+
+def _greedy_accuracy(model_dir, card: TaskCard, problems, prompts, params: SamplingParams, score, **gen) -> dict:
     """The share of problems the greedy completion solves, overall and per split (the same problems)."""
     greedy = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_new_tokens=params.max_new_tokens, seed=params.seed)
     completions = generate(model_dir, prompts, greedy, desc=f"eval {card.name} (greedy)", **gen)
-    scorer = SCORERS[card.scorer]
-    with ThreadPoolExecutor(max_workers=1 if card.scorer == "math" else 4) as pool:
-        correct = list(pool.map(lambda pc: scorer(pc[1][0].text, pc[0].answer).correct, zip(problems, completions)))
+    correct = [v.correct for v in score([(c[0].text, p.answer) for p, c in zip(problems, completions)])]
     per_split: dict[str, list[bool]] = {}
     for p, ok in zip(problems, correct):
         per_split.setdefault(p.split, []).append(ok)

@@ -99,7 +99,11 @@ def task_kind(tag: str) -> str:
 
 
 def metric(run: Run, name: str) -> float | None:
-    """A task tag, 'avg' (all tasks), 'math'/'code' (their tasks), or any numeric column of the row."""
+    """A task tag, 'avg' (all tasks), 'math'/'code' (their tasks), 'greedy' (the mean over tasks of the greedy
+    accuracy beside a sampled primary metric), or any numeric column of the row."""
+    if name == "greedy":
+        values = [run.cells[f"{t}.greedy"] for t in run.scores if f"{t}.greedy" in run.cells]
+        return statistics.fmean(values) if values else None
     if name in ("avg", "math", "code"):
         values = [v for t, v in run.scores.items() if name == "avg" or task_kind(t) == name]
         return statistics.fmean(values) if values else None
@@ -162,6 +166,8 @@ class Report:
         kinds = {task_kind(t) for t in tags}
         self.metrics = tags + [k for k in ("math", "code") if k in kinds] + (["avg"] if tags else [])
         self.accuracy = [{"metric": m, "label": f"{m} avg" if m in ("math", "code") else m} for m in self.metrics]
+        if any(metric(r, "greedy") is not None for r in self.runs):  # reported beside the primary metric
+            self.accuracy.append({"metric": "greedy", "label": "greedy (avg over tasks)"})
         self.core = [arm(a) for a in spec.get("core", [])]
         rank = {r.label: min([i for i, a in enumerate(self.core) if a.matches(r)] + [len(self.core)]) for r in runs}
         self.labels = sorted({r.label for r in self.runs}, key=lambda label: (rank[label], label))
@@ -173,7 +179,9 @@ class Report:
         if a.method != PI_SFT:
             return [r for r in self.runs if a.matches(r)]
         per_seed = {r.seed: r for r in sorted(self.runs, key=lambda r: r.seed) if r.base}
-        return [Run(**{**r.__dict__, "scores": r.base, "label": PI_SFT}) for r in per_seed.values()]
+        return [Run(**{**r.__dict__, "scores": r.base, "label": PI_SFT,
+                       "cells": {**r.cells, **{k[:-len("base_greedy")] + "greedy": v for k, v in r.cells.items()
+                                               if k.endswith(".base_greedy")}}}) for r in per_seed.values()]
 
     def name(self, a) -> str:
         """An arm's display name: the labels its rows recorded (the spec's name if it has none)."""
@@ -385,11 +393,10 @@ def _suite_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
-def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budget: str | None = None,
-          command: str = "") -> list[Path]:
-    """Write the report folder; returns the files written, sorted."""
+def _report_of(leaderboard: Path | str, preset: str, budget: str | None):
+    """The Report of one preset's rows at one budget (None: the commonest) and world (the latest row's pi_sft);
+    also every row of the preset at that budget, the budgets in the file, and the runs of that world."""
     from opd_bench.config import load_config
-    from opd_bench.report_figures import figures as draw_figures
 
     cfg, spec = load_config(preset), load_spec(preset)
     rows = sorted((r for r in read_rows(leaderboard) if r.get("preset") == preset), key=lambda r: r["run_id"])
@@ -404,14 +411,46 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
     lrs = sorted(r.lr for r in runs if r.lr is not None)
     shared = cfg.train.lr if not lrs or any(math.isclose(x, cfg.train.lr, rel_tol=1e-9) for x in lrs) else \
         max(lrs, key=lambda x: (lrs.count(x), -x))
-    rep, other_worlds = Report(runs, spec, preset, budget or "", shared), len(rows) - len(runs)
-    out, names = Path(out), ["claims", "main", "cost", *spec.get("tables", {}), "best-lr"]
+    return Report(runs, spec, preset, budget or "", shared), rows, budgets, runs
+
+
+def regime_map(leaderboard: Path | str, spec: dict) -> Table | None:
+    """The spec's `regime_map` (preset -> what its world is): pi_sft, standard OPD and every claim's verdict in
+    each of those presets' own reports, side by side (a preset without rows reads "no runs")."""
+    presets = spec.get("regime_map") or {}
+    if len(presets) < 2:
+        return None
+    reports = {p: _report_of(leaderboard, p, None)[0] for p in presets}
+    claims = spec.get("claims", {})
+    rows = [["world"] + list(presets.values()), ["budget (per run)"] + [r.budget or "—" for r in reports.values()]]
+    raw = [{"row": "world", **presets}, {"row": "budget", **{p: r.budget for p, r in reports.items()}}]
+    for arm_name in (PI_SFT, spec["guard"]["a"]):
+        stats = {p: r.stat(r.of(arm_name), "avg") for p, r in reports.items()}
+        rows.append([f"{arm_name}, avg (%)"] + [show(x) + f" (n {x.n})" for x in stats.values()])
+        raw.append({"row": arm_name, **{p: x.mean for p, x in stats.items()}})
+    for key, c in claims.items():
+        verdicts = {p: r.judge(c)["verdict"] if r.runs else "no runs" for p, r in reports.items()}
+        rows.append([c["text"]] + list(verdicts.values()))
+        raw.append({"row": key, **verdicts})
+    note = ("Each column is that preset's own report (its rows, its commonest budget, its latest world), judged by "
+            "the same rules; calibration: the instrument's check, the precondition of the guarded claims.")
+    return Table("regime-map", "Regime map: which claims hold in which world", ["", *presets], rows, raw, note)
+
+
+def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budget: str | None = None,
+          command: str = "") -> list[Path]:
+    """Write the report folder; returns the files written, sorted."""
+    from opd_bench.report_figures import figures as draw_figures
+
+    rep, rows, budgets, runs = _report_of(leaderboard, preset, budget)
+    spec, budget, other_worlds = rep.spec, rep.budget, len(rows) - len(runs)
+    out, names = Path(out), ["claims", "main", "cost", *spec.get("tables", {}), "best-lr", "regime-map"]
     out.mkdir(parents=True, exist_ok=True)
     for path in [out / f"{t}.{ext}" for t in names for ext in EXTS] + [
             out / f for f in [*spec.get("figures", {}), "README.md"]]:
         path.unlink(missing_ok=True)  # what an earlier report wrote and this one may not (a table without data now)
     tables = [rep.claims(), rep.main(), rep.cost(), *(rep.table(n, t) for n, t in spec.get("tables", {}).items()),
-              rep.best_lr()] if rep.runs else []
+              rep.best_lr(), regime_map(leaderboard, spec)] if rep.runs else []
     tables = [t for t in tables if t is not None]
     for t in tables:
         for ext, text in t.files().items():

@@ -13,6 +13,8 @@ For each old row, with M = the row's method as it is defined today (opd_bench/me
 A row that breaks a rule is an error (nothing is written). `params` holds all of M's parameters, `params_changed`
 those that differ from M's defaults, `label` is M's label for them ('tip [rule=q3,loss=sampled]'). A row without
 its `curve` or `train.lr` is completed from its run folder's metrics.json / config.json when it still exists.
+Rows of the first micro world (preset `micro` evaluated on the greedy cards micro-math@1 / micro-code@1) are
+renamed to preset `micro-v1`, the name that world keeps since the new micro world took `micro` (issue #16).
 Rows already migrated are left as they are; `--check` reports what would change and writes nothing.
 """
 
@@ -78,13 +80,26 @@ def _complete(row: dict) -> dict:
     return row
 
 
+OLD_WORLD_TASKS = "micro-code@1;micro-math@1"  # the first micro world's protocol: its rows, and only its
+
+
+def renamed_world(row: dict) -> dict:
+    """A row of the first micro world under its preset's name today (micro-v1); any other row unchanged."""
+    if row.get("preset") == "micro" and row.get("tasks") == OLD_WORLD_TASKS:
+        return {**row, "preset": "micro-v1"}
+    return row
+
+
 def migrate(path: Path, check: bool = False) -> int:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         header, rows = list(reader.fieldnames or []), list(reader)
     old = [i for i, r in enumerate(rows) if any(k.startswith("axis.") and v for k, v in r.items())]
-    new_rows = [migrate_row(r, f"{path}, row {i + 2} ({r.get('run_id')})") if i in old else
-                {k: v for k, v in r.items() if k != "variant" and not k.startswith("axis.")} for i, r in enumerate(rows)]
+    old += [i for i, r in enumerate(rows) if i not in old and renamed_world(r) != r]
+    new_rows = [renamed_world(migrate_row(r, f"{path}, row {i + 2} ({r.get('run_id')})")
+                              if any(k.startswith("axis.") and v for k, v in r.items()) else
+                              {k: v for k, v in r.items() if k != "variant" and not k.startswith("axis.")})
+                for i, r in enumerate(rows)]
     columns = []
     for column in header:
         if column == "variant" or column.startswith("axis."):

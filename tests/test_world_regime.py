@@ -130,7 +130,7 @@ def test_the_regime_map_judges_each_preset_by_its_own_rows(tmp_path):
     rows += [_row("micro-v1", "standard-opd", s, 0.58 + 0.005 * s, 0.60, f"b{s}") for s in range(3)]
     path = tmp_path / "lb.csv"
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer = csv.DictWriter(f, fieldnames=["run_id"] + sorted({k for r in rows for k in r} - {"run_id"}))
         writer.writeheader()
         writer.writerows(rows)
     table = regime_map(path, load_spec("micro"))
