@@ -89,7 +89,8 @@ def base_eval(cfg: RunConfig, world: WorldModels, ledger: Ledger) -> tuple[dict,
     from opd_bench.registry import TASKS
 
     inputs = {"model": model_key(world.student), "tasks": [TASKS.get(t).tag for t in cfg.eval.tasks],
-              "n_per_split": cfg.eval.n_per_split, "seed": cfg.seed}
+              "n_per_split": cfg.eval.n_per_split, "seed": cfg.seed,
+              "batch_size": cfg.eval.batch_size}  # sampling on CPU draws per batch: its size changes the samples
 
     def build(folder: Path, cost: StageCost) -> dict:
         return {"metrics": evaluate_tasks(cfg, world.student, folder, cfg.eval.n_per_split, cost)}

@@ -187,7 +187,8 @@ def _teacher_eval(cfg, world) -> dict:
     from opd_bench.run import evaluate_tasks
 
     inputs = {"model": model_key(world.teacher_a), "tasks": [TASKS.get(t).tag for t in cfg.eval.tasks],
-              "n_per_split": cfg.eval.n_per_split, "seed": cfg.seed}
+              "n_per_split": cfg.eval.n_per_split, "seed": cfg.seed,
+              "batch_size": cfg.eval.batch_size}  # sampling on CPU draws per batch: its size changes the samples
 
     def build(folder, cost):
         return {"metrics": evaluate_tasks(cfg, world.teacher_a, folder, cfg.eval.n_per_split, cost)}
