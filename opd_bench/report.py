@@ -468,6 +468,9 @@ def build(leaderboard: Path | str, out: Path | str, preset: str = "micro", budge
              f"- charged device time: {sum(r.spent_s for r in runs) / 3600:.3g} device-hours; all recorded stages "
              f"(with evaluations): {sum(sum(r.stages.values()) for r in runs) / 3600:.3g} device-hours",
              f"- how long it took: {_duration(runs)}; per suite command under Commands",
+             *(["- the world: its regime card (teacher : student, pi_sft's share of the teacher, the SFT scaling "
+                "curve, pi_sft across world seeds) in [regime-card.md](regime-card.md), written by "
+                "`scripts/regime_card.py`"] if (out / "regime-card.md").exists() else []),
              "- protocol: " + ", ".join(sorted({t for r in runs for t in r.scores})) +
              " (task@version; k and temperature per task are in leaderboard.csv)", "", "## Commands", "", "```",
              *(_suite_lines(runs) or ["# runs started one by one; each row's `command` column holds its command"]),

@@ -20,7 +20,8 @@ second card costs only the length sample.
 
 --capacity trains (micro worlds only; minutes on micro, seconds on smoke): for each factor f of --curve, a fresh
 student of pi_sft's architecture SFT'd by pi_sft's recipe (world.student_training, steps scaled by max(f, 1):
-the same epochs) on f x world.sft_prompts fresh samples of teacher A (at world.sft_temperature). The largest
+the same epochs; with early stopping that is a cap, and pi_sft's own held-out teacher samples decide when it
+stops) on f x world.sft_prompts fresh samples of teacher A (at world.sft_temperature). The largest
 point must be >= 8x and reach >= 90% of the teacher's primary metric (the student is not capacity-capped); the
 SFT scaling curve is printed with pi_sft itself as its 1x point. --check exits 1 when a target fails.
 """
@@ -130,6 +131,14 @@ def card_lines(facts: dict) -> list[Line]:
     batch, length = facts["batch_size"], facts["mean_completion_tokens"]
     lines.append(Line("tokens per OPD step", f"{batch} x {length:.1f} = {batch * length:,.0f}",
                       "stated (the papers: 10k-1M+)", "info"))
+
+    seeds = facts.get("student_seeds")
+    if seeds:  # how much a world built with another seed moves pi_sft (the teachers unchanged)
+        scores = [x["score"] for x in seeds]
+        mean = sum(scores) / len(scores)
+        std = (sum((x - mean) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5 if len(scores) > 1 else math.nan
+        lines.append(Line("pi_sft across world seeds", ", ".join(f"seed {x['seed']}: {_pct(x['score'])}" for x in seeds)
+                          + f"; {_pct(mean)} ± {_pct(std)}, range {_pct(max(scores) - min(scores))}", "stated", "info"))
 
     cap = facts.get("capacity")
     if cap:
@@ -244,7 +253,7 @@ def _capacity_student(cfg, world, data_dir: Path, rows: int, steps: int) -> dict
 
     w = cfg.world
     training = w.student_training.model_copy(update={"steps": steps, "examples": rows})
-    inputs = {"data": data_dir.name, "rows": rows, "arch": w.student.model_dump(), "training": training.model_dump(),
+    inputs = {"data": data_dir.name, "rows": rows, "arch": w.student.model_dump(), "training": training.key(),
               "seed": w.seed, "tasks": list(cfg.eval.tasks), "n_per_split": cfg.eval.n_per_split,
               "eval_seed": cfg.seed, "libraries": library_versions()}
 
@@ -261,8 +270,12 @@ def _capacity_student(cfg, world, data_dir: Path, rows: int, steps: int) -> dict
         tokenizer = AutoTokenizer.from_pretrained(world.tokenizer)
         model = new_model(tokenizer, w.seed, **w.student.model_dump())
         data = load_sft_data(data_dir).select(range(rows))
+        # pi_sft's early stopping, on pi_sft's own held-out teacher samples (none: the fixed steps, cosine-annealed)
+        heldout = load_sft_data(Path(world.sft_data), heldout=True) if world.sft_data else None
+        eval_data = tokenize_pairs(tokenizer, heldout["prompt"], heldout["completion"]) \
+            if heldout is not None and len(heldout) else None
         stats = train_sft(model, tokenizer, tokenize_pairs(tokenizer, data["prompt"], data["completion"]),
-                          training, folder, seed=w.seed)
+                          training, folder, seed=w.seed, eval_dataset=eval_data)
         shutil.rmtree(folder / "trainer", ignore_errors=True)
         model.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
@@ -275,8 +288,22 @@ def _capacity_student(cfg, world, data_dir: Path, rows: int, steps: int) -> dict
     return json.loads((folder / "stage.json").read_text())["info"]
 
 
+def _pi_sft_score(cfg, tasks) -> float:
+    """pi_sft's primary metric in this configuration's world (built if needed: the teachers are shared)."""
+    from opd_bench.ledger import Ledger
+    from opd_bench.run import base_eval
+    from opd_bench.worlds import load_world
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scores, _ = base_eval(cfg, load_world(cfg), Ledger(Path(tmp) / "ledger.json"))
+    return sum(scores[t]["avg@k"] for t in tasks) / len(tasks)
+
+
 def measure(cfg, *, build: bool = False, length_prompts: int = 64, capacity: bool = False,
-            curve: tuple[float, ...] = (0.5, 2.0, 4.0, 8.0), max_steps: int | None = None) -> dict:
+            curve: tuple[float, ...] = (0.5, 2.0, 4.0, 8.0), max_steps: int | None = None,
+            student_seeds: tuple[int, ...] = ()) -> dict:
     """The facts `card_lines` reads, measured on the preset's world."""
     from opd_bench.errors import UserError
     from opd_bench.generation import count_params
@@ -300,6 +327,11 @@ def measure(cfg, *, build: bool = False, length_prompts: int = 64, capacity: boo
     facts = {"preset": cfg.preset, "teacher_params": count_params(world.teacher_a),
              "student_params": count_params(world.student), "tasks": tasks, "batch_size": cfg.train.batch_size,
              "mean_completion_tokens": _mean_completion_tokens(cfg, world, length_prompts)}
+    if student_seeds:
+        own = cfg.world.seed if cfg.world.student_seed is None else cfg.world.student_seed
+        facts["student_seeds"] = [{"seed": own, "score": tasks and primary(tasks, "pi_sft")}] + [
+            {"seed": s, "score": _pi_sft_score(cfg.model_copy(update={"world": cfg.world.model_copy(
+                update={"student_seed": s})}), list(tasks))} for s in student_seeds if s != own]
     if capacity:
         if cfg.world.kind != "micro":
             raise UserError("--capacity trains students by the micro world's recipe; this preset's world is "
@@ -330,13 +362,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve", default="0.5,2,4,8", help="the curve's sample factors (x world.sft_prompts)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap each capacity student's SFT steps")
     ap.add_argument("--length-prompts", type=int, default=64, help="training prompts pi_sft samples for the length")
+    ap.add_argument("--student-seeds", default="", help="also build pi_sft with these world.student_seed values "
+                    "(the teachers unchanged) and state how much pi_sft moves, e.g. 1,2")
     ap.add_argument("--json", type=Path, default=None, help="also write the facts and the card here")
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the card as markdown (the report folder "
+                    "links regime-card.md when it holds one)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a target fails")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides)
         facts = measure(cfg, build=args.build, length_prompts=args.length_prompts, capacity=args.capacity,
-                        curve=tuple(float(x) for x in args.curve.split(",") if x.strip()), max_steps=args.max_steps)
+                        curve=tuple(float(x) for x in args.curve.split(",") if x.strip()), max_steps=args.max_steps,
+                        student_seeds=tuple(int(x) for x in args.student_seeds.split(",") if x.strip()))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -344,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     print(render(args.preset, lines))
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "card": [x.__dict__ for x in lines]}, indent=1))
+    if args.markdown:
+        command = "python scripts/regime_card.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.markdown.write_text(f"# Regime card: preset `{args.preset}`\n\nWritten by `{command}`.\n\n```\n"
+                                 f"{render(args.preset, lines)}\n```\n")
     return 1 if args.check and any(x.verdict == "FAIL" for x in lines) else 0
 
 

@@ -197,3 +197,11 @@ def test_the_new_micro_world_shares_micro_v1s_teachers_and_nothing_after_them():
         [True, True, True, False, False]
     micro, v1 = load_config("micro"), load_config("micro-v1")
     assert (micro.budget_clock, v1.budget, v1.budget_clock) == ("modeled", "2m", "wall")
+
+
+def test_the_card_states_how_much_another_world_seed_moves_pi_sft():
+    seeds = [{"seed": 0, "score": 0.70}, {"seed": 1, "score": 0.76}, {"seed": 2, "score": 0.73}]
+    line = _card(_facts(student_seeds=seeds))["pi_sft across world seeds"]
+    # mean 73.0, sample std 3.0, range 6.0 points
+    assert line.value == "seed 0: 70.0%, seed 1: 76.0%, seed 2: 73.0%; 73.0% ± 3.0%, range 6.0%"
+    assert line.verdict == "info"

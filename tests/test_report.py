@@ -69,6 +69,7 @@ def test_claims_table_has_every_claim_of_the_spec_with_the_constructed_verdicts(
     assert list(rows) == list(load_spec("micro")["claims"])
     verdicts = {claim: r["verdict"] for claim, r in rows.items()}
     assert verdicts == {
+        "calibration": "reproduced",  # standard OPD +7.6 points over pi_sft: the guard holds
         "opd-vs-sft": "reproduced",  # +10 points
         "lightning-matches": "inconclusive",  # -0.2 points, interval [-1.4, +1.0] reaches past the 1-point margin
         "lightning-speedup": "not reproduced",  # 2.9x, interval [2.8, 3.0] below 3.6x
@@ -92,7 +93,7 @@ def test_rows_are_grouped_by_their_recorded_label_and_selected_as_documented(bui
     assert list(main)[:9] == ["pi_sft", "standard-opd", "lightning-opd", "inconsistent-offline", "exopd", "vopd",
                               "tip", "full-kl", "sft-continue"]  # the spec's core order, then the other labels
     assert {"exopd [lam=1.5]", "tip [rule=q3]", "tip [loss=sampled]", "vopd [top_k=10]"} <= set(main)
-    assert main["standard-opd"]["avg.n"] == "3"  # the 3e-4 sweep rows are in best-lr, the 1m row nowhere
+    assert main["standard-opd"]["avg.n"] == "3"  # the 1e-3 sweep rows are in best-lr, the 1m row nowhere
     assert main["exopd [lam=1.5]"]["avg.n"] == "3"  # a diverged run has no scores: counted, not averaged
     assert "| 3 (+1 diverged) |" in (built / "main.md").read_text()
     cost = _csv(built / "cost.csv")
