@@ -91,6 +91,8 @@ class World(Section):
                                "written wrong, then corrected (`46*2=93!92`, the wrong result out of the loss)")
     sft_temperature: float = Field(0.7, ge=0, description="teacher A's sampling temperature for sft_data")
     max_new_tokens: int = Field(128, ge=1, description="generation limit for sft_data")
+    sample_batch_size: int = Field(128, ge=1, description="prompts per generate() call when teacher A writes sft_data: "
+                                   "sampling on CPU draws per batch, so this is part of the world (not eval.batch_size)")
 
 
 class Eval(Section):

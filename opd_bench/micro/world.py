@@ -74,7 +74,8 @@ def _sft_data_inputs(cfg: RunConfig) -> dict:
             "prompts": w.sft_prompts, "temperature": w.sft_temperature, "max_new_tokens": w.max_new_tokens,
             "math_fraction": w.math_fraction, "data_version": DATA_VERSION, "seed": student_seed(cfg),
             "libraries": library_versions(),
-            **({"heldout": w.sft_heldout} if w.sft_heldout else {})}  # absent at 0: keys stay as they were
+            **({"heldout": w.sft_heldout} if w.sft_heldout else {}),  # absent at 0: keys stay as they were
+            **({"batch_size": w.sample_batch_size} if w.sample_batch_size != 128 else {})}  # 128: every world before
 
 
 def _student_inputs(cfg: RunConfig) -> dict:
@@ -172,7 +173,7 @@ def _build_sft_data(cfg: RunConfig, teacher_dir: Path) -> tuple[Path, StageCost]
         heldout = training_mix(w.sft_heldout, w.math_fraction, f"sft-heldout-{seed}") if w.sft_heldout else []
         problems += heldout
         params = SamplingParams(n=1, temperature=w.sft_temperature, max_new_tokens=w.max_new_tokens, seed=seed)
-        samples = generate(teacher_dir, [p.prompt for p in problems], params, batch_size=cfg.eval.batch_size,
+        samples = generate(teacher_dir, [p.prompt for p in problems], params, batch_size=w.sample_batch_size,
                            workers=cfg.eval.workers, threads=cfg.threads, desc="sft-data: teacher A samples")
         rows = {"problem_id": [p.id for p in problems], "task": [p.task for p in problems],
                 "prompt": [p.prompt for p in problems], "answer": [p.answer for p in problems],
