@@ -26,6 +26,9 @@ def test_the_new_settings_leave_the_old_worlds_stage_keys_alone(tmp_path):
     assert stage_paths(_cfg(tmp_path, f"world.student_seed={_cfg(tmp_path).world.seed}")) == plain
     early = stage_paths(_cfg(tmp_path, "world.sft_heldout=8", "world.student_training.eval_every=2"))
     assert early["teacher-a"] == plain["teacher-a"] and early["sft-data"] != plain["sft-data"]
+    resampled = stage_paths(_cfg(tmp_path, "world.sample_batch_size=64"))  # sampling draws per batch: another world
+    assert resampled["teacher-a"] == plain["teacher-a"] and resampled["sft-data"] != plain["sft-data"]
+    assert stage_paths(_cfg(tmp_path, "eval.batch_size=7")) == plain  # the evaluation's batch is not the world's
     reseeded = stage_paths(_cfg(tmp_path, "world.student_seed=7"))
     assert reseeded["teacher-a"] == plain["teacher-a"] and reseeded["teacher-b"] == plain["teacher-b"]
     assert reseeded["sft-student"] != plain["sft-student"]
